@@ -1,0 +1,55 @@
+# kitspipe: every stage as a make target. Stage targets are the files the stage writes, so
+# `make preprocess` reruns nothing that is up to date (kitspipe also checks content hashes).
+#
+#   make demo                      the whole pipeline on the built-in synthetic dataset
+#   make test                      install, then run the test suite
+#   make preprocess DATA=/data/kits19 WORK=work PRESET=paper
+#   make train FOLD=2              one fold;  make cv  all five
+#
+# GPU users: make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu126"
+
+PYTHON ?= python3
+TORCH ?= torch==2.13.0
+DATA ?= data
+WORK ?= work
+PRESET ?= cpu
+FOLD ?= 0
+CASES ?= 10
+SEED ?= 0
+JOBS ?= 1
+KITSPIPE = $(PYTHON) -m kitspipe
+
+DATA_FILES = $(shell find $(DATA) -name '*.nii.gz' 2>/dev/null | sort)
+
+.PHONY: install test synth check fingerprint show-fingerprint plan preprocess clean-work
+
+install:
+	$(PYTHON) -m pip install --quiet $(TORCH)
+	$(PYTHON) -m pip install --quiet -e ".[test]"
+
+test: install
+	$(PYTHON) -m pytest -q tests
+
+synth:
+	$(KITSPIPE) synth $(DATA) --cases $(CASES) --seed $(SEED)
+
+check:
+	$(KITSPIPE) check $(DATA) -j $(JOBS)
+
+fingerprint: $(WORK)/fingerprint.json
+$(WORK)/fingerprint.json: $(DATA_FILES)
+	$(KITSPIPE) fingerprint $(DATA) --work $(WORK) -j $(JOBS)
+
+show-fingerprint: $(WORK)/fingerprint.json
+	$(KITSPIPE) fingerprint --show $(WORK)
+
+plan: $(WORK)/plans.json
+$(WORK)/plans.json: $(WORK)/fingerprint.json plans/$(PRESET).json
+	$(KITSPIPE) plan $(WORK) --preset $(PRESET)
+
+preprocess: $(WORK)/preprocessed/manifest.json
+$(WORK)/preprocessed/manifest.json: $(WORK)/plans.json
+	$(KITSPIPE) preprocess $(WORK) -j $(JOBS)
+
+clean-work:
+	rm -rf $(WORK)

@@ -1,0 +1,3 @@
+from kitspipe.cli import main
+
+raise SystemExit(main())

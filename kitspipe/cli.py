@@ -1,0 +1,132 @@
+"""The ``kitspipe`` command: one subcommand per stage, each a thin wrapper over a stage function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from kitspipe import __version__
+from kitspipe.errors import KitspipeError
+from kitspipe.logs import add_stage_file, configure
+
+log = logging.getLogger("kitspipe")
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from kitspipe.synthetic import synthesize_dataset
+
+    ids = synthesize_dataset(args.out, n_cases=args.cases, seed=args.seed, size=args.size,
+                             first_index=args.first_index, with_labels=not args.no_labels, progress=args.progress)
+    log.info("wrote %d cases to %s", len(ids), args.out)
+
+
+def _check(args: argparse.Namespace) -> None:
+    from kitspipe.dataset import discover
+    from kitspipe.validation import check_dataset
+
+    dataset = discover(args.data, stage="check", require_labels=args.require_labels)
+    report = check_dataset(dataset, stage="check", jobs=args.jobs, progress=args.progress)
+    for warning in report.warnings:
+        log.warning(warning.line())
+    report.raise_if_errors()
+    log.info("check: %d cases (%s layout), no errors, %d warnings", len(dataset.cases), dataset.layout,
+             len(report.warnings))
+
+
+def _fingerprint(args: argparse.Namespace) -> None:
+    from kitspipe.fingerprint import run_fingerprint
+
+    if args.show:
+        from kitspipe.fingerprint_report import show_fingerprint
+
+        print(show_fingerprint(args.target))
+        return
+    if args.work is None:
+        raise KitspipeError("fingerprint: --work WORK is required (or use --show WORK)")
+    add_stage_file(args.work, "fingerprint")
+    out = run_fingerprint(args.target, args.work, jobs=args.jobs, progress=args.progress, force=args.force)
+    log.info("fingerprint: %s", out)
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from kitspipe.planning import run_plan
+
+    add_stage_file(args.work, "plan")
+    out = run_plan(args.work, preset=args.preset, force=args.force)
+    log.info("plan: %s", out)
+
+
+def _preprocess(args: argparse.Namespace) -> None:
+    from kitspipe.preprocessing import run_preprocess
+
+    add_stage_file(args.work, "preprocess")
+    out = run_preprocess(args.work, data=args.data, jobs=args.jobs, progress=args.progress, force=args.force)
+    log.info("preprocess: %s", out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kitspipe", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"kitspipe {__version__}")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-v", "--verbose", action="store_true", help="debug output")
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write the built-in synthetic CT dataset (KiTS19 layout)")
+    p.add_argument("out", type=Path)
+    p.add_argument("--cases", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", choices=["small", "full"], default="small")
+    p.add_argument("--first-index", type=int, default=0, help="index of the first case (case_XXXXX)")
+    p.add_argument("--no-labels", action="store_true", help="write images only (test cases)")
+    p.set_defaults(func=_synth)
+
+    p = sub.add_parser("check", help="validate a dataset: every problem of every case, one line each")
+    p.add_argument("data", type=Path)
+    p.add_argument("--require-labels", action="store_true", help="cases without a label are errors")
+    p.add_argument("-j", "--jobs", type=int, default=1)
+    p.set_defaults(func=_check)
+
+    p = sub.add_parser("fingerprint", help="measure a dataset (or --show WORK to inspect one)")
+    p.add_argument("target", type=Path, help="DATA folder, or WORK folder with --show")
+    p.add_argument("--work", type=Path)
+    p.add_argument("--show", action="store_true", help="print WORK/fingerprint.json as tables, draw fingerprint.png")
+    p.add_argument("-j", "--jobs", type=int, default=1)
+    p.add_argument("--force", action="store_true", help="recompute even if up to date")
+    p.set_defaults(func=_fingerprint)
+
+    p = sub.add_parser("plan", help="fingerprint + preset -> WORK/plans.json")
+    p.add_argument("work", type=Path)
+    p.add_argument("--preset", default="paper", help="preset name in plans/ (paper, cpu) or a JSON path")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_plan)
+
+    p = sub.add_parser("preprocess", help="resample every case onto the plan's grids")
+    p.add_argument("work", type=Path)
+    p.add_argument("--data", type=Path, help="dataset folder (default: the fingerprinted one)")
+    p.add_argument("-j", "--jobs", type=int, default=1)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=_preprocess)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure(-1 if args.quiet else (1 if args.verbose else 0))
+    try:
+        args.func(args)
+    except KitspipeError as error:
+        print(str(error), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kitspipe: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
