@@ -66,6 +66,51 @@ def _preprocess(args: argparse.Namespace) -> None:
     log.info("preprocess: %s", out)
 
 
+def _train(args: argparse.Namespace) -> None:
+    from kitspipe.training.run import train_fold
+
+    add_stage_file(args.work, f"train_fold_{args.fold}")
+    folder = train_fold(args.work, args.fold, trainer=args.trainer, resume=args.resume, epochs=args.epochs,
+                        max_minutes=args.max_minutes, device=args.device, force=args.force,
+                        plugins=tuple(args.plugin), progress=args.progress)
+    log.info("train: %s", folder)
+
+
+def _cv(args: argparse.Namespace) -> None:
+    from kitspipe.crossval import run_cv
+
+    add_stage_file(args.work, "cv")
+    out = run_cv(args.work, trainer=args.trainer, jobs=args.jobs, folds=args.folds, epochs=args.epochs,
+                 max_minutes=args.max_minutes, device=args.device, progress=args.progress)
+    log.info("cv: %s", out)
+
+
+def _infer(args: argparse.Namespace) -> None:
+    from kitspipe.inference.run import run_inference
+
+    add_stage_file(args.work, "infer")
+    out = run_inference(args.work, args.input, args.output, folds=args.folds, mode=args.mode,
+                        save_probabilities=args.save_probabilities, device=args.device, trainer=args.trainer,
+                        checkpoint=args.checkpoint, postprocess=not args.no_postprocessing,
+                        plugins=tuple(args.plugin), progress=args.progress)
+    log.info("infer: %s", out)
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from kitspipe.dataset import discover
+    from kitspipe.evaluation import evaluate_pairs, pair_predictions
+
+    reference = discover(args.reference, stage="evaluate")
+    # A flat folder of <case>.nii.gz holds the reference label maps themselves.
+    references = ({c.case_id: c.image for c in reference.cases} if reference.layout == "folder"
+                  else {c.case_id: c.label for c in reference.labelled})
+    pairs = pair_predictions(args.predictions, references, stage="evaluate", allow_extra=args.allow_extra)
+    table = evaluate_pairs(pairs, args.out or args.predictions / "evaluation", tolerance_mm=args.tolerance_mm)
+    columns = [c for c in ("kidney_dice", "tumour_dice", "composite_dice") if c in table.columns]
+    print(table[["case", *columns]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    print(table[columns].mean().to_frame("mean").T.to_string(float_format=lambda v: f"{v:.4f}"))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kitspipe", description=__doc__)
     parser.add_argument("--version", action="version", version=f"kitspipe {__version__}")
@@ -110,6 +155,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-j", "--jobs", type=int, default=1)
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=_preprocess)
+
+    p = sub.add_parser("train", help="train one cross-validation fold (resumable)")
+    p.add_argument("work", type=Path)
+    p.add_argument("--fold", type=int, default=0)
+    p.add_argument("--trainer", help="trainer name (default: the plan's)")
+    p.add_argument("--plugin", action="append", default=[], help="a .py file or module defining trainers")
+    p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest")
+    p.add_argument("--epochs", type=int, help="maximum epochs of the last phase (overrides the plan)")
+    p.add_argument("--max-minutes", type=float, help="wall-clock budget (overrides the plan)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--force", action="store_true", help="start over even if a run exists")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("cv", help="five-fold cross-validation: train, predict held-out cases, evaluate")
+    p.add_argument("work", type=Path)
+    p.add_argument("--trainer")
+    p.add_argument("-j", "--jobs", type=int, default=1, help="folds trained in parallel")
+    p.add_argument("--folds", type=int, nargs="+", help="only these folds")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--device")
+    p.set_defaults(func=_cv)
+
+    p = sub.add_parser("infer", help="segment raw cases with trained folds")
+    p.add_argument("work", type=Path)
+    p.add_argument("input", type=Path, help="KiTS19 / nnU-Net raw layout, or a folder of NIfTI files")
+    p.add_argument("output", type=Path)
+    p.add_argument("--folds", type=int, nargs="+", default=[0], help="folds to ensemble")
+    p.add_argument("--mode", choices=["paper", "fast"], help="tiling (default: the plan's)")
+    p.add_argument("--save-probabilities", action="store_true")
+    p.add_argument("--no-postprocessing", action="store_true")
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.add_argument("--trainer")
+    p.add_argument("--plugin", action="append", default=[])
+    p.add_argument("--device")
+    p.set_defaults(func=_infer)
+
+    p = sub.add_parser("evaluate", help="KiTS19 metrics of predictions against reference labels")
+    p.add_argument("predictions", type=Path, help="folder of <case>.nii.gz")
+    p.add_argument("reference", type=Path, help="labelled dataset (KiTS19 or nnU-Net raw layout)")
+    p.add_argument("--out", type=Path, help="where the tables go (default PREDICTIONS/evaluation)")
+    p.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance")
+    p.add_argument("--allow-extra", action="store_true", help="ignore predictions without a reference")
+    p.set_defaults(func=_evaluate)
     return parser
 
 

@@ -83,7 +83,7 @@ class Geometry:
 
 
 def _fmt(values) -> str:
-    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+    return "(" + ", ".join(f"{v + 0.0:.6g}" for v in values) + ")"
 
 
 @dataclass(frozen=True)

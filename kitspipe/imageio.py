@@ -41,10 +41,10 @@ def read_header(path: str | Path, stage: str = "read", case: str = "-") -> tuple
     size = reader.GetSize()
     if len(size) != 3:
         return Geometry(tuple(size) + (1,) * max(0, 3 - len(size)), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0),
-                        (1, 0, 0, 0, 1, 0, 0, 0, 1)), reader.GetPixelIDTypeAsString(), len(size)
+                        (1, 0, 0, 0, 1, 0, 0, 0, 1)), sitk.GetPixelIDValueAsString(reader.GetPixelID()), len(size)
     geometry = Geometry(tuple(int(v) for v in size), tuple(float(v) for v in reader.GetSpacing()),
                         tuple(float(v) for v in reader.GetOrigin()), tuple(float(v) for v in reader.GetDirection()))
-    return geometry, reader.GetPixelIDTypeAsString(), len(size)
+    return geometry, sitk.GetPixelIDValueAsString(reader.GetPixelID()), len(size)
 
 
 def _first_line(error: Exception) -> str:

@@ -63,3 +63,35 @@ def tiny_dataset(tmp_path: Path) -> Path:
         image, label = phantom_arrays(spacing_zyx=spacing, seed=index, tumour=index != 3)
         write_kits_case(root, f"case_{index:05d}", image, label, spacing)
     return root
+
+
+TINY_NETWORK = {
+    "high": {"spacing_mm": [2.0, 2.0, 2.0], "base_filters": 4, "depth": 2, "input_patch": [44, 44, 44],
+             "output_patch": [4, 4, 4]},
+    "low": {"spacing_mm": [8.0, 8.0, 8.0], "base_filters": 4, "depth": 2, "input_patch": [52, 52, 52],
+            "output_patch": [12, 12, 12]},
+}
+
+
+@pytest.fixture
+def tiny_work(tiny_dataset, tmp_path):
+    """fingerprint -> plan (cpu preset shrunk to tiny widths and patches) -> preprocess."""
+    import json
+
+    from kitspipe.fingerprint import run_fingerprint
+    from kitspipe.planning import run_plan
+    from kitspipe.preprocessing import run_preprocess
+
+    work = tmp_path / "work"
+    run_fingerprint(tiny_dataset, work, progress=False)
+    run_plan(work, preset="cpu")
+    plans = json.loads((work / "plans.json").read_text())
+    plans.update(TINY_NETWORK)
+    plans["network"].update({"head_conv_filters": [4, 4], "head_fc": [8, 8, 4], "head_fc_after_volume": [4, 4]})
+    plans["training"].update({"steps_per_epoch": 2, "max_epochs": 2, "pretraining_max_epochs": 1, "num_workers": 0,
+                              "max_minutes": None, "n_folds": 2})
+    plans["augmentation"]["enabled"] = False
+    plans["inference"]["max_tile_voxels"] = 4_000_000
+    (work / "plans.json").write_text(json.dumps(plans))
+    run_preprocess(work, progress=False)
+    return work

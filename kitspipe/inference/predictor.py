@@ -1,0 +1,171 @@
+"""Whole-volume prediction on the plan's grids, for validation during training and for inference.
+
+Two tiling modes (``InferencePlan.tile_mode``):
+
+* ``paper``: non-overlapping output tiles of the training size; for the dual network each
+  high-resolution tile gets its own co-centred low-resolution patch, exactly as in training
+  (so its low-resolution mask is zero beyond the low output, as in training);
+* ``fast``: the largest tiles the memory budget allows, paying the valid-convolution margin
+  once per large tile. The low-resolution network runs once over the whole 4 mm volume and
+  its upsampled probability is cropped for each high-resolution tile. For a plain U-Net in
+  eval mode this equals ``paper`` mode; for the dual network it equals it only when the
+  low-resolution output of a training patch spans the whole high-resolution input
+  (``planner.low_output_covers_high_input``), because otherwise training saw a
+  zero-padded mask border that whole-volume inference does not have (docs/inference.md).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from kitspipe.inference.tiling import (Tile, TileStitcher, extract_input, fast_input_tile, plan_tiles,
+                                       pooling_aligned_stride, predict_tiled)
+from kitspipe.networks.sizes import output_size
+from kitspipe.networks.dual_resolution import DualResolutionUNet
+from kitspipe.plans import Plans
+
+
+@dataclass
+class VolumePrediction:
+    """Sigmoid probabilities on the high-resolution grid.
+
+    Args:
+        regions: (2, z, y, x) kidney ∪ tumour and tumour.
+        low_on_high: (z, y, x) the low-resolution kidney ∪ tumour probability upsampled to the
+            high-resolution grid, or None for a network without a low-resolution branch.
+    """
+
+    regions: np.ndarray
+    low_on_high: np.ndarray | None
+
+
+def normalise(hu: np.ndarray, plans: Plans) -> np.ndarray:
+    low, high = plans.intensity.clip_hu
+    return ((np.clip(hu.astype(np.float32), low, high) - plans.intensity.mean) / plans.intensity.std).astype(np.float32)
+
+
+def _air(plans: Plans) -> float:
+    return float((plans.intensity.clip_hu[0] - plans.intensity.mean) / plans.intensity.std)
+
+
+def _unwrap(network: nn.Module) -> nn.Module:
+    return network.module if hasattr(network, "module") else network
+
+
+def _run(module, device: torch.device, *arrays: np.ndarray):
+    tensors = [torch.from_numpy(np.ascontiguousarray(a))[None].to(device) for a in arrays]
+    return module(*tensors)
+
+
+@torch.no_grad()
+def predict_volume(network: nn.Module, high_image: np.ndarray, low_image: np.ndarray | None, plans: Plans,
+                   mode: str | None = None, device: torch.device | str = "cpu",
+                   progress: bool = False) -> VolumePrediction:
+    """Predict a whole preprocessed case.
+
+    Args:
+        network: a ``DualResolutionUNet`` or a plain ``UNet3D`` with two region outputs.
+        high_image, low_image: normalised arrays on the plan's grids (see ``normalise``).
+        mode: ``paper`` or ``fast``; default from the plan.
+    """
+    mode = mode or plans.inference.tile_mode
+    device = torch.device(device)
+    model = _unwrap(network)
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(model, DualResolutionUNet):
+            if mode == "paper":
+                return _dual_paper(model, high_image, low_image, plans, device, progress)
+            return _dual_fast(model, high_image, low_image, plans, device, progress)
+        return VolumePrediction(_single(model, high_image, plans, mode, device, progress), None)
+    finally:
+        model.train(was_training)
+
+
+def _tiles_for(mode: str, shape, depth: int, train_in, train_out, plans: Plans) -> tuple[list[Tile], tuple]:
+    """Tiles whose inputs all start on one pooling grid, so both modes give identical voxels."""
+    if mode == "paper":
+        tile_in, tile_out = tuple(train_in), tuple(train_out)
+    else:
+        tile_in = fast_input_tile(shape, depth, plans.inference.max_tile_voxels, min_input=train_in)
+        tile_out = tuple(output_size(s, depth) for s in tile_in)
+    return plan_tiles(shape, tile_out, tile_in, stride=pooling_aligned_stride(tile_out, depth)), tile_in
+
+
+def _single(model: nn.Module, high_image: np.ndarray, plans: Plans, mode: str, device, progress) -> np.ndarray:
+    tiles, tile_in = _tiles_for(mode, high_image.shape, plans.high.depth, plans.high.input_patch,
+                                plans.high.output_patch, plans)
+
+    def run(patch: np.ndarray) -> np.ndarray:
+        return torch.sigmoid(_run(model, device, patch).logits)[0].float().cpu().numpy()
+
+    return predict_tiled(high_image[None], tiles, tile_in, run, pad_value=_air(plans), progress=progress)
+
+
+def _low_probability(model: DualResolutionUNet, low_image: np.ndarray, plans: Plans, device, progress) -> np.ndarray:
+    tiles, tile_in = _tiles_for("fast", low_image.shape, plans.low.depth, plans.low.input_patch,
+                                plans.low.output_patch, plans)
+
+    def run(patch: np.ndarray) -> np.ndarray:
+        return torch.sigmoid(_run(model.low_forward, device, patch))[0].float().cpu().numpy()
+
+    return predict_tiled(low_image[None], tiles, tile_in, run, pad_value=_air(plans), progress=progress)[0]
+
+
+def _upsample(model: DualResolutionUNet, low_probability: np.ndarray, high_shape, device) -> np.ndarray:
+    tensor = torch.from_numpy(low_probability)[None, None].to(device)
+    upsampled = model.upsample_probability(tensor)[0, 0].float().cpu().numpy()
+    return upsampled[tuple(slice(0, n) for n in high_shape)]
+
+
+def _dual_fast(model: DualResolutionUNet, high_image, low_image, plans: Plans, device, progress) -> VolumePrediction:
+    low_probability = _low_probability(model, low_image, plans, device, progress)
+    mask = _upsample(model, low_probability, high_image.shape, device)
+    tiles, tile_in = _tiles_for("fast", high_image.shape, plans.high.depth, plans.high.input_patch,
+                                plans.high.output_patch, plans)
+
+    def run(patch: np.ndarray) -> np.ndarray:
+        image, tile_mask = patch[:1], patch[1:]
+        out = _run(lambda a, b: model.high_forward(a, b, classify=False), device, image, tile_mask)
+        return torch.sigmoid(out.logits)[0].float().cpu().numpy()
+
+    stacked = np.stack([high_image, mask])
+    regions = predict_tiled(stacked, tiles, tile_in, run, pad_value=[_air(plans), 0.0], progress=progress)
+    return VolumePrediction(regions, mask)
+
+
+def _dual_paper(model: DualResolutionUNet, high_image, low_image, plans: Plans, device, progress) -> VolumePrediction:
+    """Every 1 mm output tile from its own co-centred 4 mm patch, as in training."""
+    scale = plans.scale
+    p_high, o_high = plans.high.input_patch, plans.high.output_patch
+    p_low, o_low = plans.low.input_patch, plans.low.output_patch
+    m_high = [(p - o) // 2 for p, o in zip(p_high, o_high)]
+    offsets = [(scale * pl - ph) // 2 for pl, ph in zip(p_low, p_high)]
+    # High input starts must satisfy s_h = scale * s_l + offset; shift the tile grid so they do.
+    shift = [(-(-m - off)) % scale for m, off in zip(m_high, offsets)]
+    shifted_shape = tuple(n + s for n, s in zip(high_image.shape, shift))
+    # A stride that is a multiple of both 2^depth and the scale keeps every tile on one pooling
+    # grid and keeps the low-resolution patch starts integer.
+    period = math.lcm(2**plans.high.depth, scale)
+    stride = tuple(max(period, o // period * period) if o >= period else o for o in o_high)
+    tiles = plan_tiles(shifted_shape, o_high, p_high, stride=stride)
+    regions = TileStitcher(shifted_shape, 2)
+    low_map = TileStitcher(shifted_shape, 1)
+    air = _air(plans)
+    for tile in tiles:
+        high_start = tuple(s - sh for s, sh in zip(tile.input_start, shift))
+        low_start = tuple((s - off) // scale for s, off in zip(high_start, offsets))
+        high_patch = extract_input(high_image, Tile(tile.output_start, tile.output_size, high_start), p_high, air)
+        low_patch = extract_input(low_image, Tile(tile.output_start, tile.output_size, low_start), p_low, air)
+        out = _run(model, device, high_patch[None], low_patch[None])
+        regions.add(tile, torch.sigmoid(out.high_logits)[0].float().cpu().numpy())
+        mask = out.mask[0].float().cpu().numpy()
+        low_map.add(tile, mask[(slice(None),) + tuple(slice(m, m + o) for m, o in zip(m_high, o_high))])
+    crop = tuple(slice(s, s + n) for s, n in zip(shift, high_image.shape))
+    return VolumePrediction(regions.result()[(slice(None),) + crop], low_map.result()[0][crop])

@@ -1,0 +1,142 @@
+"""``kitspipe infer``: trained folds + raw cases → label files on the input's own grid.
+
+Each case is preprocessed exactly as in training (``preprocessing.prepare_case``), predicted by
+every requested fold (probabilities averaged: an ensemble), resampled back to the original
+grid, thresholded and post-processed, and written as ``OUTPUT/<case>.nii.gz`` (uint8 0/1/2).
+``OUTPUT/manifest.json`` records inputs, models and outputs by hash, so a rerun after a kill
+redoes only the cases whose output is missing or does not verify.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kitspipe.atomic import canonical_json, remove_stale_temporaries
+from kitspipe.dataset import CaseFiles, Dataset, discover
+from kitspipe.errors import KitspipeError, Problem
+from kitspipe.hashing import file_sha256
+from kitspipe.imageio import read_volume
+from kitspipe.inference.export import labels_from_probabilities, to_source_grid, write_prediction, write_probabilities
+from kitspipe.inference.predictor import normalise, predict_volume
+from kitspipe.locking import work_lock
+from kitspipe.manifest import MANIFEST_FILE, StageManifest
+from kitspipe.plans import Plans, load_plans
+from kitspipe.postprocessing import PostprocessingSettings
+from kitspipe.preprocessing import prepare_case
+from kitspipe.progress import progress_bar
+from kitspipe.trainers.registry import get_trainer, load_plugin
+from kitspipe.training.checkpoint import load_tensors, read_metadata
+from kitspipe.training.run import fold_folder, pick_device
+from kitspipe.validation import check_dataset
+
+log = logging.getLogger(__name__)
+
+
+def load_fold_model(work: Path, fold: int, plans: Plans, trainer_name: str, device: torch.device,
+                    checkpoint: str = "best") -> tuple[torch.nn.Module, str]:
+    """The network of one trained fold and the hash of its weights (best, else latest)."""
+    folder = fold_folder(work, fold, trainer_name)
+    for tag in ((checkpoint, "latest") if checkpoint == "best" else (checkpoint,)):
+        metadata = read_metadata(folder, tag)
+        if metadata is not None:
+            network = get_trainer(trainer_name)(plans).build_network()
+            network.load_state_dict(load_tensors(folder / f"checkpoint_{tag}.pt", stage="infer")["model"])
+            return network.to(device).eval(), metadata["weights_sha256"]
+    raise KitspipeError(Problem("infer", "-", folder, "no trained checkpoint for this fold",
+                                "none", f"checkpoint_{checkpoint}.pt"))
+
+
+def postprocessing_settings(plans: Plans, enabled: bool = True) -> PostprocessingSettings:
+    p = plans.postprocessing
+    settings = PostprocessingSettings(p.threshold, p.keep_largest_kidney_per_side, p.drop_unconnected_tumour,
+                                      p.low_resolution_mask, p.low_resolution_dilation_mm)
+    if not enabled:
+        settings = PostprocessingSettings(p.threshold, False, False, False, p.low_resolution_dilation_mm)
+    return settings
+
+
+def predict_case(models: list[torch.nn.Module], image, plans: Plans, mode: str, device: torch.device,
+                 progress: bool = False) -> tuple[np.ndarray, np.ndarray | None, object]:
+    """Fold-averaged probabilities of one case on its canonical source grid."""
+    prepared = prepare_case(image, None, plans)
+    high = normalise(prepared.high_image, plans)
+    low = normalise(prepared.low_image, plans)
+    regions_sum, low_sum = None, None
+    for network in models:
+        prediction = predict_volume(network, high, low, plans, mode=mode, device=device, progress=progress)
+        regions_sum = prediction.regions if regions_sum is None else regions_sum + prediction.regions
+        if prediction.low_on_high is not None:
+            low_sum = prediction.low_on_high if low_sum is None else low_sum + prediction.low_on_high
+    channels = regions_sum / len(models)
+    if low_sum is not None:
+        channels = np.concatenate([channels, (low_sum / len(models))[None]])
+    on_source = to_source_grid(channels, prepared.high_grid, image, prepared.crop)
+    return on_source[:2], (on_source[2] if low_sum is not None else None), prepared
+
+
+def run_inference(work: str | Path, input_dir: str | Path, output_dir: str | Path, folds: list[int] | None = None,
+                  mode: str | None = None, save_probabilities: bool = False, device: str | None = None,
+                  trainer: str | None = None, checkpoint: str = "best", postprocess: bool = True,
+                  plugins: tuple[str, ...] = (), progress: bool = True, case_ids: list[str] | None = None,
+                  unprocessed_dir: str | Path | None = None) -> Path:
+    """The infer stage.
+
+    Args:
+        folds: folds whose models are averaged (default: fold 0).
+        mode: tiling mode, ``paper`` or ``fast`` (default from the plan).
+        checkpoint: ``best`` (falls back to ``latest``) or ``latest``.
+        postprocess: apply the plan's post-processing.
+        case_ids: predict only these cases of ``input_dir``.
+        unprocessed_dir: also write the labels before post-processing there (cross-validation
+            reports the effect of post-processing from one prediction).
+    """
+    work, output_dir = Path(work), Path(output_dir)
+    for plugin in plugins:
+        load_plugin(plugin)
+    plans = load_plans(work / "plans.json")
+    trainer_name = trainer or plans.training.trainer
+    folds = list(folds if folds is not None else [0])
+    mode = mode or plans.inference.tile_mode
+    target = pick_device(device)
+    dataset = discover(input_dir, stage="infer")
+    cases = [c for c in dataset.cases if case_ids is None or c.case_id in set(case_ids)]
+    images_only = Dataset(dataset.root, dataset.layout, tuple(CaseFiles(c.case_id, c.image, None) for c in cases))
+    check_dataset(images_only, stage="infer", progress=False).raise_if_errors()
+    models, hashes = [], []
+    for fold in folds:
+        network, digest = load_fold_model(work, fold, plans, trainer_name, target, checkpoint)
+        models.append(network)
+        hashes.append(digest)
+    settings = postprocessing_settings(plans, postprocess)
+    config = {"plans": plans.sha256(), "models": hashes, "mode": mode, "postprocessing": settings.to_dict(),
+              "probabilities": save_probabilities, "unprocessed": str(unprocessed_dir)}
+    config_sha = hashlib.sha256(canonical_json(config).encode()).hexdigest()
+    with work_lock(output_dir, "infer"):
+        remove_stale_temporaries(output_dir)
+        manifest = StageManifest.open(output_dir / MANIFEST_FILE, "infer", config_sha)
+        manifest.extra = {"trainer": trainer_name, "folds": folds, "mode": mode}
+        for case in progress_bar(cases, desc="infer", enabled=progress):
+            inputs = {"image": file_sha256(case.image)}
+            if manifest.is_current(case.case_id, inputs):
+                continue
+            image = read_volume(case.image, dtype=np.float32, stage="infer", case=case.case_id)
+            regions, low, _ = predict_case(models, image, plans, mode, target)
+            labels = labels_from_probabilities(regions, low, image.grid.spacing, settings)
+            written = [output_dir / f"{case.case_id}.nii.gz"]
+            write_prediction(labels, image, written[0])
+            if save_probabilities:
+                written.append(output_dir / f"{case.case_id}_probabilities.npz")
+                write_probabilities(regions, low, written[-1])
+            if unprocessed_dir is not None:
+                raw = labels_from_probabilities(regions, low, image.grid.spacing, postprocessing_settings(plans, False))
+                write_prediction(raw, image, Path(unprocessed_dir) / f"{case.case_id}.nii.gz")
+            manifest.record(case.case_id, inputs, written)
+            manifest.save(status="incomplete")
+            log.info("infer %s -> %s", case.case_id, written[0])
+        manifest.save(status="complete")
+    return output_dir

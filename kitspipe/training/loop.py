@@ -1,0 +1,200 @@
+"""The training loop shared by every trainer: phases, epochs, validation, checkpoints, resume.
+
+Per phase: a fresh Adam optimiser over the phase's trainable parameters, learning rate
+``learning_rate · lr_decay_per_epoch ** epoch_in_phase`` (paper: 1e-4, ×0.9 per epoch),
+``steps_per_epoch`` optimiser steps on sampled patch pairs, then validation on whole cases,
+the best checkpoint kept by the phase's score, and early stopping by ``patience`` or the
+phase's target score. ``checkpoint_latest`` is written after every epoch (and when a time
+budget stops an epoch midway), so a killed run loses at most one epoch, and resuming replays
+exactly: patches are drawn from seeds of (seed, epoch, step), and model, optimiser and RNG
+states are restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from kitspipe.errors import KitspipeError, Problem
+from kitspipe.plans import Plans
+from kitspipe.trainers.base import Phase, Trainer
+from kitspipe.training.checkpoint import save_checkpoint
+from kitspipe.training.history import plot_progress, write_log
+from kitspipe.training.state import TrainingState, rng_state
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What the loop needs besides the trainer: where to write, on what, for how long."""
+
+    folder: Path
+    plans: Plans
+    metadata: dict  # trainer name, fold, plan hashes: goes into every checkpoint sidecar
+    device: torch.device
+    deadline: float | None  # time.monotonic() value after which training stops
+    make_batches: object  # callable(epoch, start_step, steps) -> iterator of batch dicts
+    validation_cases: list
+    rank: int = 0
+    progress: bool = True
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _learning_rate(plans: Plans, epoch_in_phase: int) -> float:
+    return plans.training.learning_rate * plans.training.lr_decay_per_epoch ** epoch_in_phase
+
+
+def save_state(context: RunContext, network: nn.Module, optimiser: torch.optim.Optimizer, state: TrainingState,
+               tag: str = "latest") -> None:
+    if context.rank != 0:
+        return
+    core = network.module if hasattr(network, "module") else network
+    tensors = {"model": core.state_dict(), "optimiser": optimiser.state_dict(), "rng": rng_state()}
+    save_checkpoint(context.folder, tag, tensors, {**context.metadata, "state": state.to_json()})
+
+
+def validate(trainer: Trainer, network: nn.Module, phase: Phase, context: RunContext) -> dict[str, float]:
+    per_case = [trainer.validation_metrics(network, case, phase, context.device) for case in context.validation_cases]
+    return trainer.summarise(per_case)
+
+
+def run_epoch(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, optimiser: torch.optim.Optimizer,
+              phase: Phase, state: TrainingState, context: RunContext) -> dict:
+    """Train until the epoch's steps are done or the deadline passes; returns running sums."""
+    plans = context.plans
+    steps = plans.training.steps_per_epoch
+    sums = dict(state.partial_epoch) or {"loss_total": 0.0, "loss_high": 0.0, "loss_low": 0.0,
+                                         "loss_classification": 0.0, "steps": 0, "seconds_data": 0.0,
+                                         "seconds_compute": 0.0, "skipped_steps": 0}
+    network.train()
+    batches = context.make_batches(state.global_epoch, state.step_in_epoch, steps)
+    waited = time.perf_counter()
+    for batch in batches:
+        started = time.perf_counter()
+        sums["seconds_data"] += started - waited
+        batch = _to_device(batch, context.device)
+        optimiser.zero_grad(set_to_none=True)
+        terms = trainer.loss(network, loss_fn, batch, phase)
+        if not torch.isfinite(terms.total):
+            if plans.training.non_finite_loss == "stop":
+                raise KitspipeError(Problem("train", "-", context.folder, "non-finite loss; stopped, the last "
+                                            "finite checkpoint is kept", f"{terms.total.item()} at epoch "
+                                            f"{state.global_epoch} step {state.step_in_epoch}", "a finite loss"))
+            sums["skipped_steps"] += 1
+            state.skipped_steps += 1
+        else:
+            terms.total.backward()
+            optimiser.step()
+            for key, value in (("loss_total", terms.total), ("loss_high", terms.high), ("loss_low", terms.low),
+                               ("loss_classification", terms.classification)):
+                sums[key] += float(value.detach())
+            sums["steps"] += 1
+        state.step_in_epoch += 1
+        waited = time.perf_counter()
+        sums["seconds_compute"] += waited - started
+        if context.deadline is not None and time.monotonic() > context.deadline and state.step_in_epoch < steps:
+            break
+    return sums
+
+
+def fit(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, state: TrainingState, context: RunContext,
+        optimiser_state: dict | None = None) -> TrainingState:
+    """Run (or continue) every phase of ``trainer`` from ``state``."""
+    phases = trainer.phases()
+    while state.phase_index < len(phases) and not state.finished:
+        phase = phases[state.phase_index]
+        parameters = list(trainer.trainable_parameters(network, phase))
+        optimiser = torch.optim.Adam(parameters, lr=_learning_rate(context.plans, state.epoch_in_phase))
+        # A phase that has not started yet has a fresh optimiser in an uninterrupted run too.
+        if optimiser_state is not None and (state.epoch_in_phase or state.step_in_epoch):
+            optimiser.load_state_dict(optimiser_state)
+        optimiser_state = None
+        while state.epoch_in_phase < phase.max_epochs:
+            for group in optimiser.param_groups:
+                group["lr"] = _learning_rate(context.plans, state.epoch_in_phase)
+            sums = run_epoch(trainer, network, loss_fn, optimiser, phase, state, context)
+            if state.step_in_epoch < context.plans.training.steps_per_epoch:
+                state.partial_epoch = sums
+                state.stop_reason = "time budget reached mid-epoch"
+                save_state(context, network, optimiser, state)
+                log.info("%s: time budget reached at epoch %d step %d; resume continues here",
+                         context.folder, state.global_epoch, state.step_in_epoch)
+                return state
+            state.partial_epoch = {}
+            validation_started = time.perf_counter()
+            metrics = validate(trainer, network, phase, context) if context.rank == 0 else {}
+            row = _history_row(phase, state, sums, metrics, optimiser, time.perf_counter() - validation_started)
+            state.history.append(row)
+            state.epoch_in_phase += 1
+            state.global_epoch += 1
+            state.step_in_epoch = 0
+            score = metrics.get(phase.score)
+            improved = score is not None and (state.best_score is None or score > state.best_score)
+            if improved:
+                state.best_score = score
+                state.epochs_without_improvement = 0
+            else:
+                state.epochs_without_improvement += 1
+            done, reason = _phase_done(phase, state, score)
+            last_phase = state.phase_index == len(phases) - 1
+            if done:
+                state.stop_reason = reason
+            if improved and last_phase:
+                save_state(context, network, optimiser, state, tag="best")
+            if done:
+                state.phase_index += 1
+                state.finished = state.phase_index >= len(phases)
+                if not state.finished:  # the last phase keeps its counters so --epochs can extend it
+                    state.epoch_in_phase = 0
+                    state.best_score = None
+                    state.epochs_without_improvement = 0
+            save_state(context, network, optimiser, state)
+            _write_logs(context, state)
+            log.info("%s epoch %d: loss %.4f, %s%s", phase.name, row["epoch"], row["loss_total"],
+                     ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), f" -> {reason}" if done else "")
+            if done:
+                break
+            if context.deadline is not None and time.monotonic() > context.deadline:
+                state.stop_reason = "time budget reached"
+                save_state(context, network, optimiser, state)
+                return state
+    return state
+
+
+def _phase_done(phase: Phase, state: TrainingState, score: float | None) -> tuple[bool, str]:
+    if phase.stop_at is not None and score is not None and score >= phase.stop_at:
+        return True, f"{phase.score} {score:.3f} reached {phase.stop_at}"
+    if phase.patience is not None and state.epochs_without_improvement >= phase.patience:
+        return True, f"no improvement for {phase.patience} epochs"
+    if state.epoch_in_phase >= phase.max_epochs:
+        return True, f"{phase.max_epochs} epochs"
+    return False, ""
+
+
+def _history_row(phase: Phase, state: TrainingState, sums: dict, metrics: dict, optimiser, seconds_validation) -> dict:
+    steps = max(1, sums["steps"])
+    row = {"phase": phase.name, "epoch": state.global_epoch, "learning_rate": optimiser.param_groups[0]["lr"],
+           "skipped_steps": sums["skipped_steps"], "seconds_data": sums["seconds_data"],
+           "seconds_compute": sums["seconds_compute"], "seconds_validation": seconds_validation}
+    for key in ("loss_total", "loss_high", "loss_low", "loss_classification"):
+        row[key] = sums[key] / steps if sums["steps"] else None
+    for key in ("val_kidney_dice", "val_tumour_dice", "val_low_dice", "val_score"):
+        row[key] = metrics.get(key, "")
+    return {k: (float(v) if isinstance(v, (np.floating,)) else v) for k, v in row.items()}
+
+
+def _write_logs(context: RunContext, state: TrainingState) -> None:
+    if context.rank != 0:
+        return
+    write_log(context.folder / "training_log.csv", state.history)
+    plot_progress(context.folder / "progress.png", state.history)

@@ -1,0 +1,177 @@
+"""``kitspipe train``: set up one fold and hand it to the shared loop, or resume it.
+
+Output folder ``WORK/fold_K/<Trainer>/``: ``checkpoint_latest.{pt,json}``,
+``checkpoint_best.{pt,json}``, ``training_log.csv``, ``progress.png``.
+
+Resume policy (reliability checklist 29-31): ``--resume`` with nothing to resume is an error;
+a finished fold is a no-op that says so (unless ``--epochs`` now allows more epochs than the
+one that ended it); a changed plan or preprocessed data is refused unless ``--force``.
+Without ``--resume`` an existing run is refused rather than silently overwritten.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from kitspipe import __version__
+from kitspipe.errors import KitspipeError, Problem
+from kitspipe.locking import work_lock
+from kitspipe.manifest import require_complete
+from kitspipe.plans import Plans, load_plans
+from kitspipe.preprocessing import PREPROCESSED_DIR
+from kitspipe.trainers.registry import get_trainer, load_plugin
+from kitspipe.training.checkpoint import load_tensors, read_metadata
+from kitspipe.training.loop import RunContext, fit
+from kitspipe.training.splits import fold_cases, load_or_create_splits
+from kitspipe.training.state import TrainingState, seed_everything, set_rng_state
+
+log = logging.getLogger(__name__)
+
+
+def fold_folder(work: Path, fold: int, trainer_name: str) -> Path:
+    return Path(work) / f"fold_{fold}" / trainer_name
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world size) under torchrun; initialises the process group once."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), world
+
+
+def _apply_overrides(plans: Plans, trainer: str | None, epochs: int | None, max_minutes: float | None) -> Plans:
+    changes = {}
+    if trainer:
+        changes["trainer"] = trainer
+    if epochs is not None:
+        changes["max_epochs"] = epochs
+    if max_minutes is not None:
+        changes["max_minutes"] = max_minutes
+    return plans.with_training(**changes) if changes else plans
+
+
+def _resume_identity(plans: Plans, preprocessed_sha: str) -> dict:
+    """What must not change under a resumed run: the plan except its run-length settings."""
+    stable = plans.with_training(max_epochs=1, max_minutes=None)
+    return {"plans_sha256": stable.sha256(), "preprocessing_sha256": preprocessed_sha}
+
+
+def train_fold(work: str | Path, fold: int, trainer: str | None = None, resume: bool = False,
+               epochs: int | None = None, max_minutes: float | None = None, device: str | None = None,
+               force: bool = False, plugins: tuple[str, ...] = (), progress: bool = True) -> Path:
+    """Train (or resume) one cross-validation fold; returns its output folder."""
+    work = Path(work)
+    for plugin in plugins:
+        load_plugin(plugin)
+    plans = _apply_overrides(load_plans(work / "plans.json"), trainer, epochs, max_minutes)
+    manifest = require_complete(work / PREPROCESSED_DIR / "manifest.json", "train", plans.preprocessing_sha256())
+    case_ids = sorted(manifest["cases"])
+    folds = load_or_create_splits(work, case_ids, plans.training.n_folds, plans.training.seed,
+                                  plans.training.validation_fraction)
+    split = fold_cases(folds, fold, work / "splits.json")
+    trainer_cls = get_trainer(plans.training.trainer)
+    folder = fold_folder(work, fold, trainer_cls.__name__)
+    rank, world = _distributed()
+    identity = _resume_identity(plans, manifest["config_sha256"])
+    with work_lock(folder, f"train fold {fold}") if rank == 0 else _nullcontext():
+        return _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resume, force, device,
+                             rank, world, progress)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resume, force, device, rank, world,
+                  progress) -> Path:
+    from kitspipe.data.cases import open_cases
+
+    metadata = read_metadata(folder, "latest")
+    state = TrainingState()
+    tensors = None
+    if metadata is not None and not force:
+        if not resume:
+            if metadata["state"].get("finished"):
+                log.info("fold %d already complete (%s); nothing to do", fold, metadata.get("weights_sha256", "")[:12])
+                return folder
+            raise KitspipeError(Problem("train", "-", folder, "a run exists here; pass --resume to continue it "
+                                        "or --force to start over"))
+        if {k: metadata.get(k) for k in identity} != identity:
+            raise KitspipeError(Problem("train", "-", folder, "plan or preprocessed data changed since this run "
+                                        "started; --force starts over", str(metadata.get("plans_sha256"))[:12],
+                                        identity["plans_sha256"][:12]))
+        state = TrainingState.from_json(metadata["state"])
+        if state.finished and not _more_epochs_allowed(state, plans):
+            log.info("fold %d already complete (checkpoint_latest sha256=%s): %s", fold,
+                     metadata["weights_sha256"][:12], state.stop_reason)
+            return folder
+        if state.finished:
+            state.phase_index -= 1  # back into the last phase, which a larger --epochs extends
+        state.finished = False
+        tensors = load_tensors(folder / "checkpoint_latest.pt")
+    elif resume and not force:
+        raise KitspipeError(Problem("train", "-", folder, "nothing to resume (no valid checkpoint_latest)"))
+    folder.mkdir(parents=True, exist_ok=True)
+    seed_everything(plans.training.seed * 1000 + fold)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    target = pick_device(device)
+    trainer = trainer_cls(plans)
+    network = trainer.build_network().to(target)
+    loss_fn = trainer.build_loss().to(target)
+    optimiser_state = None
+    if tensors is not None:
+        network.load_state_dict(tensors["model"])
+        optimiser_state = tensors["optimiser"]
+        set_rng_state(tensors["rng"])
+    if world > 1:
+        network = torch.nn.parallel.DistributedDataParallel(network, find_unused_parameters=True)
+    preprocessed = work / PREPROCESSED_DIR
+    context = RunContext(
+        folder=folder, plans=plans, device=target,
+        metadata={"trainer": trainer_cls.__name__, "fold": fold, "kitspipe_version": __version__, **identity},
+        deadline=(time.monotonic() + 60 * plans.training.max_minutes) if plans.training.max_minutes else None,
+        make_batches=_batch_factory(open_cases(preprocessed, split["train"]), plans, rank, world),
+        validation_cases=open_cases(preprocessed, split["validation"]), rank=rank, progress=progress)
+    state = fit(trainer, network, loss_fn, state, context, optimiser_state)
+    log.info("fold %d %s: %s", fold, "finished" if state.finished else "stopped", state.stop_reason)
+    return folder
+
+
+def _more_epochs_allowed(state: TrainingState, plans: Plans) -> bool:
+    """A run that ended by reaching its epoch limit continues when --epochs raises the limit."""
+    return state.stop_reason.endswith(" epochs") and int(state.stop_reason.split()[0]) < plans.training.max_epochs
+
+
+def _batch_factory(cases, plans: Plans, rank: int, world: int):
+    from kitspipe.data.augmentation import make_augmenter
+    from kitspipe.data.loader import make_loader
+    from kitspipe.data.sampling import PatchSampler
+
+    sampler = PatchSampler(cases, plans, make_augmenter(plans))
+
+    def make_batches(epoch: int, start_step: int, steps: int):
+        return make_loader(sampler, plans, epoch=epoch, steps=steps, num_workers=plans.training.num_workers,
+                           seed=plans.training.seed * 1000003 + rank, start_step=start_step)
+
+    return make_batches

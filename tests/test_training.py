@@ -1,0 +1,111 @@
+"""Training on tiny data: resume exactness, resume policy, plugin trainers, safe checkpoints."""
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kitspipe.errors import KitspipeError
+from kitspipe.training.checkpoint import load_tensors
+from kitspipe.training.run import train_fold
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _weights(folder: Path) -> dict:
+    return load_tensors(folder / "checkpoint_latest.pt")["model"]
+
+
+def test_resume_equals_uninterrupted_run(tiny_work, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_work, other)
+    straight = train_fold(tiny_work, 0, epochs=2, progress=False)
+    first = train_fold(other, 0, epochs=1, progress=False)
+    resumed = train_fold(other, 0, epochs=2, resume=True, progress=False)
+    assert first == resumed
+    a, b = _weights(straight), _weights(resumed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    log_a = (straight / "training_log.csv").read_text().splitlines()
+    log_b = (resumed / "training_log.csv").read_text().splitlines()
+    strip = lambda lines: [",".join(line.split(",")[:12]) for line in lines]  # drop timing columns
+    assert strip(log_a) == strip(log_b)
+    assert (straight / "progress.png").stat().st_size > 1000
+    metadata = json.loads((straight / "checkpoint_latest.json").read_text())
+    assert metadata["state"]["finished"] and metadata["trainer"] == "DualResolutionTrainer"
+
+
+def test_resume_policy(tiny_work, caplog):
+    with pytest.raises(KitspipeError, match="nothing to resume"):
+        train_fold(tiny_work, 1, resume=True, progress=False)
+    folder = train_fold(tiny_work, 1, epochs=1, progress=False)
+    before = (folder / "checkpoint_latest.pt").read_bytes()
+    with caplog.at_level("INFO"):
+        train_fold(tiny_work, 1, epochs=1, resume=True, progress=False)
+    assert "already complete" in caplog.text
+    assert (folder / "checkpoint_latest.pt").read_bytes() == before
+    plans = json.loads((tiny_work / "plans.json").read_text())
+    plans["loss"]["topk_fraction"] = 0.5
+    (tiny_work / "plans.json").write_text(json.dumps(plans))
+    with pytest.raises(KitspipeError, match="plan or preprocessed data changed"):
+        train_fold(tiny_work, 1, epochs=2, resume=True, progress=False)
+
+
+def test_training_refuses_incomplete_preprocessing(tiny_work):
+    manifest = tiny_work / "preprocessed" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["status"] = "interrupted"
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(KitspipeError, match="previous stage did not complete"):
+        train_fold(tiny_work, 0, progress=False)
+
+
+def test_plugin_trainer_from_docs_example(tiny_work):
+    example = REPO / "docs" / "examples" / "my_trainer.py"
+    folder = train_fold(tiny_work, 0, trainer="DiceOnlyUNetTrainer", plugins=(str(example),), epochs=1,
+                        progress=False)
+    assert folder.name == "DiceOnlyUNetTrainer" and (folder / "checkpoint_latest.pt").is_file()
+
+
+@pytest.mark.parametrize("trainer", ["UNet3DTrainer", "TwoStageCascadeTrainer"])
+def test_shipped_trainers_train(tiny_work, trainer):
+    folder = train_fold(tiny_work, 0, trainer=trainer, epochs=1, progress=False)
+    assert json.loads((folder / "checkpoint_latest.json").read_text())["state"]["finished"]
+
+
+def test_unknown_trainer_lists_known_ones(tiny_work):
+    with pytest.raises(KitspipeError, match="known: .*DualResolutionTrainer"):
+        train_fold(tiny_work, 0, trainer="NoSuchTrainer", progress=False)
+
+
+class _Payload:
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (open, (self.sentinel, "w"))
+
+
+def test_malicious_checkpoint_is_refused(tmp_path):
+    sentinel = tmp_path / "pwned"
+    path = tmp_path / "checkpoint_latest.pt"
+    torch.save({"model": _Payload(str(sentinel))}, path, pickle_protocol=2)
+    assert not sentinel.exists()  # saving the payload does not run it
+    with pytest.raises(KitspipeError, match="refusing to load checkpoint"):
+        load_tensors(path)
+    assert not sentinel.exists()
+
+
+def test_ddp_two_process_gloo_trains_one_epoch(tiny_work):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+               "-m", "kitspipe", "-q", "--no-progress", "train", str(tiny_work), "--fold", "0",
+               "--trainer", "UNet3DTrainer", "--epochs", "1", "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    folder = tiny_work / "fold_0" / "UNet3DTrainer"
+    assert json.loads((folder / "checkpoint_latest.json").read_text())["state"]["finished"]
