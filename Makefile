@@ -21,7 +21,15 @@ KITSPIPE = $(PYTHON) -m kitspipe
 
 DATA_FILES = $(shell find $(DATA) -name '*.nii.gz' 2>/dev/null | sort)
 
-.PHONY: install test synth check fingerprint show-fingerprint plan preprocess clean-work
+TRAINER ?= DualResolutionTrainer
+IN ?= $(DATA)
+OUT ?= $(WORK)/predictions
+FOLDS ?= 0
+DEMO ?= demo
+PREPROCESSED = $(WORK)/preprocessed/manifest.json
+
+.PHONY: install test demo synth check fingerprint show-fingerprint plan preprocess train cv infer evaluate \
+	cv-folds bench clean-work
 
 install:
 	$(PYTHON) -m pip install --quiet $(TORCH)
@@ -29,6 +37,9 @@ install:
 
 test: install
 	$(PYTHON) -m pytest -q tests
+
+demo: install
+	$(KITSPIPE) demo --work $(DEMO)
 
 synth:
 	$(KITSPIPE) synth $(DATA) --cases $(CASES) --seed $(SEED)
@@ -50,6 +61,32 @@ $(WORK)/plans.json: $(WORK)/fingerprint.json plans/$(PRESET).json
 preprocess: $(WORK)/preprocessed/manifest.json
 $(WORK)/preprocessed/manifest.json: $(WORK)/plans.json
 	$(KITSPIPE) preprocess $(WORK) -j $(JOBS)
+
+# Training targets always ask kitspipe, which resumes an unfinished fold and says so when a fold
+# is already complete (a checkpoint file alone cannot tell make whether training finished).
+train: $(PREPROCESSED)
+	$(KITSPIPE) train $(WORK) --fold $(FOLD) --trainer $(TRAINER) --resume auto
+
+# Folds are independent jobs: `make -j 5 cv-folds` trains them in parallel; `make cv` then
+# predicts each fold's held-out cases and evaluates (training only what is not finished).
+CV_FOLDS = 0 1 2 3 4
+cv-folds: $(addprefix fold-,$(CV_FOLDS))
+fold-%: $(PREPROCESSED)
+	$(KITSPIPE) --no-progress train $(WORK) --fold $* --trainer $(TRAINER) --resume auto
+
+cv: $(PREPROCESSED)
+	$(KITSPIPE) cv $(WORK) --trainer $(TRAINER) -j $(JOBS)
+
+infer:
+	$(KITSPIPE) infer $(WORK) $(IN) $(OUT) --folds $(FOLDS) --trainer $(TRAINER)
+
+evaluate:
+	$(KITSPIPE) evaluate $(OUT) $(IN)
+
+bench:
+	$(PYTHON) bench/preprocess.py
+	$(PYTHON) bench/train_step.py
+	$(PYTHON) bench/infer.py
 
 clean-work:
 	rm -rf $(WORK)

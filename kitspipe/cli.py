@@ -70,7 +70,8 @@ def _train(args: argparse.Namespace) -> None:
     from kitspipe.training.run import train_fold
 
     add_stage_file(args.work, f"train_fold_{args.fold}")
-    folder = train_fold(args.work, args.fold, trainer=args.trainer, resume=args.resume, epochs=args.epochs,
+    resume = {"yes": True, "auto": "auto", None: False}[args.resume]
+    folder = train_fold(args.work, args.fold, trainer=args.trainer, resume=resume, epochs=args.epochs,
                         max_minutes=args.max_minutes, device=args.device, force=args.force,
                         plugins=tuple(args.plugin), progress=args.progress)
     log.info("train: %s", folder)
@@ -109,6 +110,14 @@ def _evaluate(args: argparse.Namespace) -> None:
     columns = [c for c in ("kidney_dice", "tumour_dice", "composite_dice") if c in table.columns]
     print(table[["case", *columns]].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     print(table[columns].mean().to_frame("mean").T.to_string(float_format=lambda v: f"{v:.4f}"))
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from kitspipe.demo import run_demo
+
+    add_stage_file(args.work, "demo")
+    run_demo(args.work, train_cases=args.train_cases, test_cases=args.test_cases, seed=args.seed,
+             preset=args.preset, max_minutes=args.max_minutes, progress=args.progress)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,7 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fold", type=int, default=0)
     p.add_argument("--trainer", help="trainer name (default: the plan's)")
     p.add_argument("--plugin", action="append", default=[], help="a .py file or module defining trainers")
-    p.add_argument("--resume", action="store_true", help="continue from checkpoint_latest")
+    p.add_argument("--resume", nargs="?", const="yes", choices=["yes", "auto"],
+                   help="continue from checkpoint_latest; 'auto' also starts a fold that has none")
     p.add_argument("--epochs", type=int, help="maximum epochs of the last phase (overrides the plan)")
     p.add_argument("--max-minutes", type=float, help="wall-clock budget (overrides the plan)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -199,6 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance")
     p.add_argument("--allow-extra", action="store_true", help="ignore predictions without a reference")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the built-in synthetic dataset")
+    p.add_argument("--work", type=Path, default=Path("demo"), help="folder for data and artefacts")
+    p.add_argument("--train-cases", type=int, default=24)
+    p.add_argument("--test-cases", type=int, default=6)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--preset", default="cpu")
+    p.add_argument("--max-minutes", type=float, help="training budget (default: the preset's)")
+    p.set_defaults(func=_demo)
     return parser
 
 

@@ -30,8 +30,7 @@ from kitspipe.manifest import require_complete
 from kitspipe.plans import load_plans
 from kitspipe.preprocessing import PREPROCESSED_DIR
 from kitspipe.trainers.registry import get_trainer
-from kitspipe.training.checkpoint import read_metadata
-from kitspipe.training.run import fold_folder, train_fold
+from kitspipe.training.run import train_fold
 from kitspipe.training.splits import load_or_create_splits
 
 log = logging.getLogger(__name__)
@@ -41,9 +40,7 @@ def _train_one(work: Path, fold: int, trainer: str, epochs, max_minutes, device,
     import torch
 
     torch.set_num_threads(max(1, threads))
-    folder = fold_folder(work, fold, trainer)
-    has_run = read_metadata(folder, "latest") is not None
-    train_fold(work, fold, trainer=trainer, resume=has_run, epochs=epochs, max_minutes=max_minutes,
+    train_fold(work, fold, trainer=trainer, resume="auto", epochs=epochs, max_minutes=max_minutes,
                device=device, progress=False)
     return fold
 

@@ -73,10 +73,15 @@ def _resume_identity(plans: Plans, preprocessed_sha: str) -> dict:
     return {"plans_sha256": stable.sha256(), "preprocessing_sha256": preprocessed_sha}
 
 
-def train_fold(work: str | Path, fold: int, trainer: str | None = None, resume: bool = False,
+def train_fold(work: str | Path, fold: int, trainer: str | None = None, resume: bool | str = False,
                epochs: int | None = None, max_minutes: float | None = None, device: str | None = None,
                force: bool = False, plugins: tuple[str, ...] = (), progress: bool = True) -> Path:
-    """Train (or resume) one cross-validation fold; returns its output folder."""
+    """Train (or resume) one cross-validation fold; returns its output folder.
+
+    Args:
+        resume: True continues ``checkpoint_latest`` (an error if there is none); ``"auto"``
+            continues it if present and starts the fold otherwise.
+    """
     work = Path(work)
     for plugin in plugins:
         load_plugin(plugin)
@@ -130,7 +135,7 @@ def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resum
             state.phase_index -= 1  # back into the last phase, which a larger --epochs extends
         state.finished = False
         tensors = load_tensors(folder / "checkpoint_latest.pt")
-    elif resume and not force:
+    elif resume is True and not force:
         raise KitspipeError(Problem("train", "-", folder, "nothing to resume (no valid checkpoint_latest)"))
     folder.mkdir(parents=True, exist_ok=True)
     seed_everything(plans.training.seed * 1000 + fold)
