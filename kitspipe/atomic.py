@@ -8,6 +8,7 @@ later stage would trust it. Every artefact is written to a temporary file in the
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -34,6 +35,15 @@ def atomic_open(path: str | Path, mode: int = 0o644) -> Iterator[BinaryIO]:
         # mkstemp creates files readable by the owner only; artefacts are shared results.
         os.chmod(tmp_name, mode)
         os.replace(tmp_name, path)
+    except OSError as error:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            from kitspipe.errors import KitspipeError, Problem
+
+            raise KitspipeError(Problem("write", "-", path, "disk full; the previous file is untouched",
+                                        "no space left", "free space on the device")) from None
+        raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)

@@ -29,7 +29,15 @@ def work_lock(folder: str | Path, stage: str) -> Iterator[Path]:
     A lock left by a killed process on this host is taken over, since its pid is gone.
     """
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".kitspipe.write-test.{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        # Found before any heavy work starts, instead of after hours of computation.
+        raise KitspipeError(Problem(stage, "-", folder, "output folder is not writable", error.strerror or "",
+                                    "a writable folder")) from None
     path = folder / ".kitspipe.lock"
     me = {"pid": os.getpid(), "host": socket.gethostname(), "stage": stage}
     for _ in range(2):

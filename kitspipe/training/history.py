@@ -39,7 +39,8 @@ def plot_progress(path: Path, rows: list[dict]) -> None:
     loss_ax.set_xlabel("epoch (all phases)")
     loss_ax.set_ylabel("training loss")
     loss_ax.set_yscale("log")
-    loss_ax.legend()
+    if loss_ax.lines:
+        loss_ax.legend()
     for key, label in (("val_kidney_dice", "kidney"), ("val_tumour_dice", "tumour"), ("val_low_dice", "low-res")):
         values = [r.get(key) for r in rows]
         if any(v not in (None, "") for v in values):
@@ -52,7 +53,8 @@ def plot_progress(path: Path, rows: list[dict]) -> None:
     dice_ax.set_ylim(0, 1)
     dice_ax.set_xlabel("epoch (all phases)")
     dice_ax.set_ylabel("validation Dice (whole cases)")
-    dice_ax.legend()
+    if dice_ax.lines:
+        dice_ax.legend()
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
