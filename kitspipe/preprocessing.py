@@ -159,10 +159,19 @@ def run_preprocess(work: str | Path, data: str | Path | None = None, jobs: int =
         manifest.extra = {"fingerprint_sha256": fingerprint["sha256"], "case_ids": [c.case_id for c in cases]}
         todo = []
         inputs = {}
+        measured = {c["case_id"]: {"image": c["image_sha256"], "label": c["label_sha256"]} for c in fingerprint["cases"]}
+        changed = []
         for case in cases:
             inputs[case.case_id] = case_inputs(case)
+            if measured.get(case.case_id) != inputs[case.case_id]:
+                changed.append(Problem("preprocess", case.case_id, case.image.parent,
+                                       "case differs from the fingerprinted data; rerun `kitspipe fingerprint`",
+                                       "changed or new", "as fingerprinted"))
+                continue
             if force or not manifest.is_current(case.case_id, inputs[case.case_id]):
                 todo.append(case)
+        if changed:
+            raise KitspipeError(changed)
         log.info("preprocess: %d of %d cases to do", len(todo), len(cases))
         manifest.save(status="incomplete" if todo else "complete")
         try:

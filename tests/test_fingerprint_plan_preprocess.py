@@ -113,3 +113,21 @@ def test_preprocess_refuses_plans_from_another_fingerprint(planned_work):
     (planned_work / "plans.json").write_text(json.dumps(data))
     with pytest.raises(KitspipeError, match="plans were made from another fingerprint"):
         run_preprocess(planned_work, progress=False)
+
+
+def test_preprocess_refuses_data_changed_after_fingerprint(planned_work):
+    from kitspipe.errors import KitspipeError
+
+    import SimpleITK as sitk
+
+    label = planned_work.parent / "data" / "case_00002" / "segmentation.nii.gz"
+
+    edited = sitk.ReadImage(str(label))
+    edited = sitk.Cast(edited, sitk.sitkUInt8)
+    array = sitk.GetArrayFromImage(edited)
+    array[0, 0, 0] = 1
+    changed = sitk.GetImageFromArray(array)
+    changed.CopyInformation(edited)
+    sitk.WriteImage(changed, str(label))
+    with pytest.raises(KitspipeError, match="case_00002 .*differs from the fingerprinted data"):
+        run_preprocess(planned_work, progress=False)
