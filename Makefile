@@ -29,7 +29,7 @@ DEMO ?= demo
 PREPROCESSED = $(WORK)/preprocessed/manifest.json
 
 .PHONY: install test demo synth check fingerprint show-fingerprint plan preprocess train cv infer evaluate \
-	cv-folds bench clean-work
+	cv-folds bench clean-work report
 
 install:
 	$(PYTHON) -m pip install --quiet $(TORCH)
@@ -82,6 +82,9 @@ infer:
 
 evaluate:
 	$(KITSPIPE) evaluate $(OUT) $(IN)
+
+report:
+	$(KITSPIPE) report $(WORK)
 
 bench:
 	$(PYTHON) bench/preprocess.py

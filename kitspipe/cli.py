@@ -112,6 +112,16 @@ def _evaluate(args: argparse.Namespace) -> None:
     print(table[columns].mean().to_frame("mean").T.to_string(float_format=lambda v: f"{v:.4f}"))
 
 
+def _report(args: argparse.Namespace) -> None:
+    from kitspipe.report import build_report
+
+    if not args.work.is_dir():
+        raise KitspipeError(f"report: work folder {args.work} does not exist")
+    add_stage_file(args.work, "report")
+    out = build_report(args.work, data=args.data, predictions=args.predictions, evaluation=args.evaluation)
+    log.info("report: %s", out)
+
+
 def _demo(args: argparse.Namespace) -> None:
     from kitspipe.demo import run_demo
 
@@ -209,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tolerance-mm", type=float, default=2.0, help="surface Dice tolerance")
     p.add_argument("--allow-extra", action="store_true", help="ignore predictions without a reference")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("report", help="static HTML report of a work folder -> WORK/report/index.html")
+    p.add_argument("work", type=Path)
+    p.add_argument("--data", type=Path, help="dataset with the images and labels of the predicted cases")
+    p.add_argument("--predictions", type=Path, help="folder of predicted <case>.nii.gz")
+    p.add_argument("--evaluation", type=Path, help="folder with metrics_per_case.csv and summary.json")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("demo", help="the whole pipeline on the built-in synthetic dataset")
     p.add_argument("--work", type=Path, default=Path("demo"), help="folder for data and artefacts")

@@ -21,6 +21,7 @@ from kitspipe.fingerprint_report import show_fingerprint
 from kitspipe.inference.run import run_inference
 from kitspipe.planning import run_plan
 from kitspipe.preprocessing import run_preprocess
+from kitspipe.report import build_report
 from kitspipe.synthetic import synthesize_dataset
 from kitspipe.training.run import train_fold
 from kitspipe.validation import check_dataset
@@ -71,4 +72,6 @@ def run_demo(folder: str | Path = "demo", train_cases: int = 24, test_cases: int
     print("mean   " + "   ".join(f"{c} {table[c].mean():.3f}" for c in columns))
     print(f"\nartefacts: data {data}, held-out {test}, work {work}; per-case metrics "
           f"{work / 'evaluation' / 'metrics_per_case.csv'}")
+    index = build_report(work, data=test, predictions=predictions, evaluation=work / "evaluation")
+    log.info("report: %s", index)
     return summary
