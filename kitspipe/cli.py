@@ -82,7 +82,8 @@ def _cv(args: argparse.Namespace) -> None:
 
     add_stage_file(args.work, "cv")
     out = run_cv(args.work, trainer=args.trainer, jobs=args.jobs, folds=args.folds, epochs=args.epochs,
-                 max_minutes=args.max_minutes, device=args.device, progress=args.progress)
+                 max_minutes=args.max_minutes, device=args.device, progress=args.progress,
+                 plugins=tuple(args.plugin))
     log.info("cv: %s", out)
 
 
@@ -192,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("work", type=Path)
     p.add_argument("--trainer")
     p.add_argument("-j", "--jobs", type=int, default=1, help="folds trained in parallel")
+    p.add_argument("--plugin", action="append", default=[], help="a .py file or module defining trainers")
     p.add_argument("--folds", type=int, nargs="+", help="only these folds")
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-minutes", type=float)

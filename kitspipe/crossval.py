@@ -29,26 +29,29 @@ from kitspipe.inference.run import run_inference
 from kitspipe.manifest import require_complete
 from kitspipe.plans import load_plans
 from kitspipe.preprocessing import PREPROCESSED_DIR
-from kitspipe.trainers.registry import get_trainer
+from kitspipe.trainers.registry import get_trainer, load_plugin
 from kitspipe.training.run import train_fold
 from kitspipe.training.splits import load_or_create_splits
 
 log = logging.getLogger(__name__)
 
 
-def _train_one(work: Path, fold: int, trainer: str, epochs, max_minutes, device, threads: int) -> int:
+def _train_one(work: Path, fold: int, trainer: str, epochs, max_minutes, device, threads: int,
+               plugins: tuple[str, ...] = ()) -> int:
     import torch
 
     torch.set_num_threads(max(1, threads))
     train_fold(work, fold, trainer=trainer, resume="auto", epochs=epochs, max_minutes=max_minutes,
-               device=device, progress=False)
+               device=device, plugins=plugins, progress=False)
     return fold
 
 
 def run_cv(work: str | Path, trainer: str | None = None, jobs: int = 1, folds: list[int] | None = None,
            epochs: int | None = None, max_minutes: float | None = None, device: str | None = None,
-           progress: bool = True) -> Path:
+           progress: bool = True, plugins: tuple[str, ...] = ()) -> Path:
     work = Path(work)
+    for plugin in plugins:
+        load_plugin(plugin)
     plans = load_plans(work / "plans.json")
     trainer_name = get_trainer(trainer or plans.training.trainer).__name__
     manifest = require_complete(work / PREPROCESSED_DIR / "manifest.json", "cv", plans.preprocessing_sha256())
@@ -58,19 +61,19 @@ def run_cv(work: str | Path, trainer: str | None = None, jobs: int = 1, folds: l
     if jobs > 1:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs) as pool:
-            for fold in pool.map(_train_one, *zip(*[(work, f, trainer_name, epochs, max_minutes, device, threads)
-                                                    for f in folds])):
+            for fold in pool.map(_train_one, *zip(*[(work, f, trainer_name, epochs, max_minutes, device, threads,
+                                                     plugins) for f in folds])):
                 log.info("cv: fold %d trained", fold)
     else:
         for fold in folds:
-            _train_one(work, fold, trainer_name, epochs, max_minutes, device, os.cpu_count() or 1)
+            _train_one(work, fold, trainer_name, epochs, max_minutes, device, os.cpu_count() or 1, plugins)
     out = work / "cv" / trainer_name
     dataset = discover(load_fingerprint(work)["dataset_root"], stage="cv")
     references = {c.case_id: c.label for c in dataset.labelled}
     for fold in folds:
         test = splits[fold]["test"]
         run_inference(work, dataset.root, out / f"fold_{fold}" / "predictions", folds=[fold], trainer=trainer_name,
-                      device=device, progress=progress, case_ids=test,
+                      device=device, progress=progress, case_ids=test, plugins=plugins,
                       unprocessed_dir=out / f"fold_{fold}" / "unprocessed")
     tables = {}
     for variant, subfolder, target in (("post-processed", "predictions", out),

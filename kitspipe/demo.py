@@ -5,7 +5,8 @@ stage functions a user calls, ending with per-class Dice on held-out cases.
     DEMO/test/        held-out cases with labels, never seen in training
     DEMO/work/        fingerprint, plans, preprocessed arrays, fold_0/, predictions/, evaluation/
 
-Every stage checks its own artefacts, so a second run only re-prints the results.
+Every stage checks its own artefacts, so a second run redoes nothing that is up to date; a
+training run that its time budget stopped continues where it stopped.
 """
 
 from __future__ import annotations

@@ -116,8 +116,9 @@ def plan_from_fingerprint(preset: Plans, fingerprint: dict) -> Plans:
                         std=plans.intensity.std if plans.intensity.std is not None else round(std, 4))
     high_weights, low_weight = positive_weights(fingerprint, plans.loss.max_positive_weight)
     loss = replace(plans.loss,
-                   high_positive_weights=plans.loss.high_positive_weights or high_weights,
-                   low_positive_weight=plans.loss.low_positive_weight or low_weight)
+                   high_positive_weights=(high_weights if plans.loss.high_positive_weights is None
+                                          else plans.loss.high_positive_weights),
+                   low_positive_weight=low_weight if plans.loss.low_positive_weight is None else plans.loss.low_positive_weight)
     return replace(plans, intensity=intensity, loss=loss, fingerprint_sha256=fingerprint["sha256"])
 
 

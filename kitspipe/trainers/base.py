@@ -66,6 +66,11 @@ class Trainer(ABC):
         """Parameters the phase's optimiser updates (and everything else is frozen)."""
         return network.parameters()
 
+    def set_train_mode(self, network: nn.Module, phase: Phase) -> None:
+        """Put the network in training mode; frozen parts go to eval mode so that their batch
+        norm statistics stay fixed too."""
+        network.train()
+
     @abstractmethod
     def loss(self, network: nn.Module, loss_fn: nn.Module, batch: dict[str, torch.Tensor], phase: Phase) -> LossTerms:
         """Forward pass and loss terms of one batch in ``phase``."""

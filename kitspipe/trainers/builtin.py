@@ -71,6 +71,13 @@ class DualResolutionTrainer(Trainer):
                     parameter.requires_grad_(False)
         return [p for p in network.parameters() if p.requires_grad]
 
+    def set_train_mode(self, network: nn.Module, phase: Phase) -> None:
+        network.train()
+        core = network.module if hasattr(network, "module") else network
+        if phase.name != "low" and self.plans.training.low_resolution_pretraining:
+            for block in self.frozen_low_blocks(core):
+                block.eval()
+
     def loss(self, network: nn.Module, loss_fn: nn.Module, batch: dict[str, torch.Tensor], phase: Phase) -> LossTerms:
         core = network.module if hasattr(network, "module") else network
         if phase.name == "low":
@@ -103,12 +110,17 @@ class TwoStageCascadeTrainer(DualResolutionTrainer):
             parameter.requires_grad_(False)
         return [p for p in network.parameters() if p.requires_grad]
 
+    def set_train_mode(self, network: nn.Module, phase: Phase) -> None:
+        network.train()
+        if phase.name != "low":
+            core = network.module if hasattr(network, "module") else network
+            core.low.eval()  # a frozen first stage, batch norm statistics included
+
     def loss(self, network: nn.Module, loss_fn: nn.Module, batch: dict[str, torch.Tensor], phase: Phase) -> LossTerms:
         if phase.name == "low":
             return super().loss(network, loss_fn, batch, phase)
         core = network.module if hasattr(network, "module") else network
         with torch.no_grad():
-            core.low.eval()  # a frozen first stage, batch norm statistics included
             low_logits = core.low_forward(batch["low_image"])
         mask = core.mask_from_low(torch.sigmoid(low_logits), batch["high_image"].shape[2:])
         high = core.high_forward(batch["high_image"], mask)

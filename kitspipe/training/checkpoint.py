@@ -5,7 +5,7 @@ states) and is read with ``torch.load(weights_only=True)``, so a checkpoint from
 cannot run code. ``checkpoint_<tag>.json`` holds what a person or a later stage wants to read:
 trainer name, plan hash, phase, epoch, best metric, history. Both are written atomically;
 the JSON is written last and names the hash of the .pt it belongs to, so a pair torn by a
-kill is detected and the previous good checkpoint is used.
+kill is detected and treated as no checkpoint rather than trusted.
 """
 
 from __future__ import annotations

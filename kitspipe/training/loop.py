@@ -63,6 +63,21 @@ def save_state(context: RunContext, network: nn.Module, optimiser: torch.optim.O
     save_checkpoint(context.folder, tag, tensors, {**context.metadata, "state": state.to_json()})
 
 
+def _agree(value):
+    """Rank 0's value on every rank, so that all ranks take the same stop decisions."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+def _past(deadline: float | None) -> bool:
+    return _agree(deadline is not None and time.monotonic() > deadline)
+
+
 def validate(trainer: Trainer, network: nn.Module, phase: Phase, context: RunContext) -> dict[str, float]:
     per_case = [trainer.validation_metrics(network, case, phase, context.device) for case in context.validation_cases]
     return trainer.summarise(per_case)
@@ -76,7 +91,7 @@ def run_epoch(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, optimise
     sums = dict(state.partial_epoch) or {"loss_total": 0.0, "loss_high": 0.0, "loss_low": 0.0,
                                          "loss_classification": 0.0, "steps": 0, "seconds_data": 0.0,
                                          "seconds_compute": 0.0, "skipped_steps": 0}
-    network.train()
+    trainer.set_train_mode(network, phase)
     batches = context.make_batches(state.global_epoch, state.step_in_epoch, steps)
     waited = time.perf_counter()
     for batch in batches:
@@ -102,7 +117,7 @@ def run_epoch(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, optimise
         state.step_in_epoch += 1
         waited = time.perf_counter()
         sums["seconds_compute"] += waited - started
-        if context.deadline is not None and time.monotonic() > context.deadline and state.step_in_epoch < steps:
+        if state.step_in_epoch < steps and _past(context.deadline):
             break
     return sums
 
@@ -132,7 +147,7 @@ def fit(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, state: Trainin
                 return state
             state.partial_epoch = {}
             validation_started = time.perf_counter()
-            metrics = validate(trainer, network, phase, context) if context.rank == 0 else {}
+            metrics = _agree(validate(trainer, network, phase, context) if context.rank == 0 else {})
             row = _history_row(phase, state, sums, metrics, optimiser, time.perf_counter() - validation_started)
             state.history.append(row)
             state.epoch_in_phase += 1
@@ -164,7 +179,7 @@ def fit(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, state: Trainin
                      ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), f" -> {reason}" if done else "")
             if done:
                 break
-            if context.deadline is not None and time.monotonic() > context.deadline:
+            if _past(context.deadline):
                 state.stop_reason = "time budget reached"
                 save_state(context, network, optimiser, state)
                 return state

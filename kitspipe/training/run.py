@@ -39,9 +39,12 @@ def fold_folder(work: Path, fold: int, trainer_name: str) -> Path:
 
 
 def pick_device(requested: str | None) -> torch.device:
+    """The requested device, else CUDA when present; under torchrun each rank takes its own GPU."""
     if requested:
         return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    return torch.device("cpu")
 
 
 def _distributed() -> tuple[int, int]:

@@ -12,7 +12,8 @@ from kitspipe.plans import Plans
 
 
 def whole_case_metrics(network: nn.Module, case, plans: Plans, device: torch.device, low_only: bool) -> dict[str, float]:
-    """Dice of thresholded probabilities against the preprocessed labels of one case.
+    """Dice of thresholded probabilities (> 0.5, as in post-processing) against the
+    preprocessed labels of one case.
 
     Args:
         case: a ``PreprocessedCase`` (arrays on the plan grids).
@@ -31,12 +32,12 @@ def whole_case_metrics(network: nn.Module, case, plans: Plans, device: torch.dev
                 probability = _low_probability(model, low_image, plans, device, progress=False)
         finally:
             model.train(was_training)
-        return {"val_low_dice": dice(probability >= 0.5, low_label > 0)}
+        return {"val_low_dice": dice(probability > 0.5, low_label > 0)}
     prediction = predict_volume(network, normalise(np.asarray(case.high_image), plans), low_image, plans,
                                 device=device)
     label = np.asarray(case.high_label)
-    metrics = {"val_kidney_dice": dice(prediction.regions[0] >= 0.5, label > 0),
-               "val_tumour_dice": dice(prediction.regions[1] >= 0.5, label == 2)}
+    metrics = {"val_kidney_dice": dice(prediction.regions[0] > 0.5, label > 0),
+               "val_tumour_dice": dice(prediction.regions[1] > 0.5, label == 2)}
     if prediction.low_on_high is not None:
-        metrics["val_low_dice"] = dice(prediction.low_on_high >= 0.5, label > 0)
+        metrics["val_low_dice"] = dice(prediction.low_on_high > 0.5, label > 0)
     return metrics
