@@ -144,7 +144,7 @@ def _dual_paper(model: DualResolutionUNet, high_image, low_image, plans: Plans, 
     """Every 1 mm output tile from its own co-centred 4 mm patch, as in training."""
     scale = plans.scale
     p_high, o_high = plans.high.input_patch, plans.high.output_patch
-    p_low, o_low = plans.low.input_patch, plans.low.output_patch
+    p_low = plans.low.input_patch
     m_high = [(p - o) // 2 for p, o in zip(p_high, o_high)]
     offsets = [(scale * pl - ph) // 2 for pl, ph in zip(p_low, p_high)]
     # High input starts must satisfy s_h = scale * s_l + offset; shift the tile grid so they do.
