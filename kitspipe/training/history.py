@@ -33,9 +33,11 @@ def plot_progress(path: Path, rows: list[dict]) -> None:
     fig, (loss_ax, dice_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for key, label in (("loss_total", "total"), ("loss_high", "high-res"), ("loss_low", "low-res"),
                        ("loss_classification", "classification")):
-        values = [r.get(key) for r in rows]
-        if any(v is not None and v != "" for v in values):
-            loss_ax.plot(x, [float(v) if v not in (None, "") else float("nan") for v in values], label=label)
+        # A term a phase does not train is logged as 0; on a log axis it is left out instead.
+        values = [float(v) if v not in (None, "") and float(v) > 0 else float("nan") for v in
+                  (r.get(key) for r in rows)]
+        if any(v == v for v in values):
+            loss_ax.plot(x, values, label=label)
     loss_ax.set_xlabel("epoch (all phases)")
     loss_ax.set_ylabel("training loss")
     loss_ax.set_yscale("log")
