@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from kitspipe import __version__
@@ -240,9 +242,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt(signum, frame):
+    # SIGTERM (a scheduler's kill, `docker stop`) takes the same clean path as Ctrl-C: atomic
+    # writes in flight are abandoned, manifests are marked interrupted, the exit code is 130.
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)
     configure(-1 if args.quiet else (1 if args.verbose else 0))
     try:
         args.func(args)

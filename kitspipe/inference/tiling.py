@@ -114,11 +114,27 @@ def plan_tiles(
     if any(st < 1 or st > o for st, o in zip(step, out)):
         raise ValueError(f"stride {step} must lie within 1..output tile {out}")
     margin = tile_margin(out, input_tile)
+    per_axis = [_axis_layout(n, o, st) for n, o, st in zip(shape, out, step)]
     tiles = []
-    for start in itertools.product(*(range(0, n, st) for n, st in zip(shape, step))):
-        size = tuple(min(st, n - s) for s, st, n in zip(start, step, shape))
+    for parts in itertools.product(*per_axis):
+        start = tuple(p[0] for p in parts)
+        size = tuple(p[1] for p in parts)
         tiles.append(Tile(start, size, tuple(s - m for s, m in zip(start, margin))))
     return tiles
+
+
+def _axis_layout(n: int, out: int, stride: int) -> list[tuple[int, int]]:
+    """(start, written size) along one axis: starts on the stride grid, and the tile whose
+    output reaches the end of the axis writes all of it, so no tile is added just to fill
+    the gap between a rounded-down stride and the output size."""
+    layout = []
+    start = 0
+    while True:
+        if start + out >= n:
+            layout.append((start, n - start))
+            return layout
+        layout.append((start, stride))
+        start += stride
 
 
 def pooling_aligned_stride(output_tile: int | Sequence[int], depth: int) -> Triple:

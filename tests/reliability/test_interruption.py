@@ -107,3 +107,22 @@ def test_lock_of_a_killed_process_is_taken_over(tmp_path):
                                                           "stage": "preprocess"}))
     with work_lock(tmp_path, "preprocess"):
         pass
+
+
+def test_sigterm_stops_preprocess_cleanly_and_marks_the_manifest(tiny_work):
+    shutil.rmtree(tiny_work / "preprocessed")
+    process = subprocess.Popen(_kitspipe("preprocess", str(tiny_work)), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    manifest = tiny_work / "preprocessed" / "manifest.json"
+    deadline = time.monotonic() + 60
+    while not manifest.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    if process.returncode == 0:
+        pytest.skip("preprocessing finished before the signal arrived")
+    assert process.returncode == 130 and "interrupted" in stderr
+    assert json.loads(manifest.read_text())["status"] == "interrupted"
+    assert not list((tiny_work / "preprocessed").rglob(".tmp-*"))
+    subprocess.run(_kitspipe("preprocess", str(tiny_work)), check=True)
+    assert json.loads(manifest.read_text())["status"] == "complete"
