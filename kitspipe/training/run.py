@@ -142,6 +142,9 @@ def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resum
     folder.mkdir(parents=True, exist_ok=True)
     seed_everything(plans.training.seed * 1000 + fold)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # Deterministic mode also fills every new tensor with NaN, which bench/train_step.py measured
+    # at a quarter of a cpu-preset step; results are deterministic without that fill.
+    torch.utils.deterministic.fill_uninitialized_memory = False
     target = pick_device(device)
     trainer = trainer_cls(plans)
     network = trainer.build_network().to(target)

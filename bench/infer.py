@@ -1,0 +1,427 @@
+#!/usr/bin/env python3
+"""Benchmark of whole-case prediction with the ``paper`` network, in ``paper`` and ``fast`` tile modes.
+
+One full-size (512 x 512) synthetic case is planned with the ``paper`` preset and brought
+onto its 1 mm and 4 mm grids by ``kitspipe.preprocessing.prepare_case`` (timed: that is
+inference's own preprocessing) and ``kitspipe.inference.predictor.normalise``. The network is
+``kitspipe.trainers.builtin.build_dual_network(plans)`` with its (seeded) initial weights in
+eval mode: the cost of a forward pass does not depend on the weights. Each measurement of
+``predict_volume(network, high, low, plans, mode=...)`` runs in a fresh child process (clean
+peak RSS, see benchlib).
+
+Work done: forward hooks on every convolution count the FLOPs that actually ran (2 ×
+multiply-adds, as ``kitspipe.networks.sizes.unet_forward_flops``), and the ratio to the
+FLOPs of one dense pass (every output voxel computed once: the per-voxel cost of the U-Nets
+in the large-tile limit, ``unet_forward_flops`` at a huge input, plus the mask branch) says
+how much work tiling repeats.
+
+On a CPU the paper network needs ~4-10 s per 108³ tile, and a whole case in ``paper`` mode
+is thousands of tiles (hours), so by default on CPU each mode runs on a crop of the case
+centred on the kidneys (the same box of the 1 mm and the 4 mm grid): 30 mm for ``paper``
+mode (2 × 2 × 2 tiles, one run; ``--repeats`` asks for more) and 96 mm for ``fast`` mode (one
+large tile, 3 runs). The whole-case figures are then extrapolated and marked as such:
+``paper`` mode as the median seconds per tile times the whole case's tile count (kitspipe's
+tiler re-run on the whole grid with the tile sizes and stride the crop run used; every tile
+costs the same), ``fast`` mode as the whole case's FLOPs (its tile plan from kitspipe's
+tiler) at the GFLOP/s measured on the crop. With ``--device cuda`` both
+modes run on the whole case unless ``--crop`` says otherwise.
+
+    python bench/infer.py                        # CPU: crops, 2.5-4 min on 2 cores
+    python bench/infer.py --quick                # 14 mm / 48 mm crops, 1 run each
+    python bench/infer.py --device cuda          # whole case, both modes
+    python bench/infer.py --crop 64              # one crop size for both modes (mm, 0 = whole case)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+from benchlib import ChildResult, Summary, mib, summary_json, table  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+MODES = ("paper", "fast")
+HUGE_VALID_INPUT = 2**20 + 4  # a valid input edge for depth <= 3 whose margin is negligible
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def mask_branch(plans) -> tuple[dict[int, int] | None, int]:
+    """(extra skip channels of the 1 mm U-Net, filters of the mask branch; 0 = no branch)."""
+    filters = plans.network.mask_branch_filters or plans.high.base_filters
+    if plans.network.mask_join == "input":
+        return None, 0
+    levels = [0] if plans.network.mask_join == "first_skip" else list(range(plans.high.depth))
+    return {level: filters for level in levels}, filters
+
+
+def high_tile_flops(plans, tile_in: tuple[int, ...]) -> float:
+    """FLOPs of one 1 mm forward pass on an input tile: U-Net (``unet_forward_flops``) + mask branch."""
+    from kitspipe.networks.sizes import unet_forward_flops
+
+    extra, branch = mask_branch(plans)
+    channels = 2 if plans.network.mask_join == "input" else 1
+    unet = unet_forward_flops(tuple(tile_in), channels, plans.high.base_filters, plans.high.depth, 2, extra)
+    # ConvBlock(1, b, b): two valid 3×3×3 convolutions on the masked image.
+    branch_macs = (math.prod(s - 2 for s in tile_in) * branch + math.prod(s - 4 for s in tile_in) * branch * branch)
+    return unet + 2.0 * 27 * branch_macs
+
+
+def dense_flops_per_voxel(plans) -> tuple[float, float]:
+    """FLOPs per output voxel of one dense pass, (1 mm network incl. mask branch, 4 mm network).
+
+    The FLOPs of a huge tile divided by its output voxels converge to the cost of computing
+    each output voxel once (the valid-convolution margin becomes negligible).
+    """
+    from kitspipe.networks.sizes import output_size, unet_forward_flops
+
+    size = HUGE_VALID_INPUT
+    high = high_tile_flops(plans, (size,) * 3) / float(output_size(size, plans.high.depth)) ** 3
+    low = (unet_forward_flops((size,) * 3, 1, plans.low.base_filters, plans.low.depth, 1)
+           / float(output_size(size, plans.low.depth)) ** 3)
+    return high, low
+
+
+def fast_mode_flops(plans, high_shape: tuple[int, ...], low_shape: tuple[int, ...]) -> float:
+    """FLOPs of ``fast`` mode on arrays of these shapes, from kitspipe's own tile plan."""
+    from kitspipe.inference.predictor import _tiles_for
+    from kitspipe.networks.sizes import unet_forward_flops
+
+    high_tiles, high_in = _tiles_for("fast", high_shape, plans.high.depth, plans.high.input_patch,
+                                     plans.high.output_patch, plans)
+    low_tiles, low_in = _tiles_for("fast", low_shape, plans.low.depth, plans.low.input_patch,
+                                   plans.low.output_patch, plans)
+    per_low_tile = unet_forward_flops(low_in, 1, plans.low.base_filters, plans.low.depth, 1)
+    return len(high_tiles) * high_tile_flops(plans, high_in) + len(low_tiles) * per_low_tile
+
+
+def count_flops(network) -> dict[str, float]:
+    """Forward hooks on every convolution and linear layer, adding their FLOPs to the returned dict."""
+    import torch
+    from torch import nn
+
+    totals = {"flops": 0.0}
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if isinstance(module, nn.ConvTranspose3d):
+            flops = 2.0 * inputs[0].numel() * math.prod(module.kernel_size) * module.out_channels // module.groups
+        elif isinstance(module, nn.Conv3d):
+            flops = 2.0 * output.numel() * math.prod(module.kernel_size) * module.in_channels // module.groups
+        else:
+            flops = 2.0 * output.numel() * module.in_features
+        totals["flops"] += flops
+
+    for module in network.modules():
+        if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
+            module.register_forward_hook(hook)
+    return totals
+
+
+def spy_on_tile_plans() -> list[dict[str, Any]]:
+    """Record every tile plan the predictor makes (arguments and tile count), changing nothing.
+
+    ``kitspipe.inference.predictor`` calls ``plan_tiles`` by its module-level name; wrapping
+    that name in this child process lets the parent re-plan the whole case with exactly the
+    tile sizes and stride kitspipe chose for the crop (paper mode's stride is decided inside
+    ``_dual_paper``), instead of copying that logic here.
+    """
+    import kitspipe.inference.predictor as predictor
+
+    calls: list[dict[str, Any]] = []
+    real = predictor.plan_tiles
+
+    def plan_tiles(volume_shape, output_tile, input_tile, stride=None):
+        tiles = real(volume_shape, output_tile, input_tile, stride=stride)
+        calls.append({"volume_shape": [int(v) for v in volume_shape], "output_tile": list(output_tile),
+                      "input_tile": list(input_tile), "stride": None if stride is None else list(stride),
+                      "tiles": len(tiles)})
+        return tiles
+
+    predictor.plan_tiles = plan_tiles
+    return calls
+
+
+def paper_mode_tiles(run_high_shape: list[int], tile_plan: dict[str, Any], case_high_shape: list[int]) -> int:
+    """Tiles of paper mode on the whole case: the crop run's plan (tile sizes, stride, and the
+    shift kitspipe added to the shape) applied to the whole 1 mm grid with kitspipe's tiler."""
+    from kitspipe.inference.tiling import plan_tiles
+
+    shift = [v - n for v, n in zip(tile_plan["volume_shape"], run_high_shape)]
+    shape = [n + s for n, s in zip(case_high_shape, shift)]
+    return len(plan_tiles(shape, tile_plan["output_tile"], tile_plan["input_tile"], stride=tile_plan["stride"]))
+
+
+# ----------------------------------------------------------------------------- child side
+
+def child_main(spec: dict[str, Any]) -> None:
+    if spec["task"] == "prepare":
+        child_prepare(spec)
+    else:
+        child_predict(spec)
+
+
+def child_prepare(spec: dict[str, Any]) -> None:
+    """Time inference's preprocessing of the case; save the arrays for the predict children."""
+    import numpy as np
+
+    from kitspipe.imageio import read_volume
+    from kitspipe.inference.predictor import normalise
+    from kitspipe.plans import load_plans
+    from kitspipe.preprocessing import prepare_case
+
+    plans = load_plans(spec["plans"])
+    baseline = benchlib.rss_bytes()
+    clock = benchlib.ChildClock()
+    image = read_volume(spec["image"], dtype=np.float32, stage="infer")
+    prepared = prepare_case(image, None, plans)
+    high, low = normalise(prepared.high_image, plans), normalise(prepared.low_image, plans)
+    seconds, cpu = clock.elapsed()
+    out = Path(spec["out"])
+    np.save(out / "high.npy", high)
+    np.save(out / "low.npy", low)
+    # Canonical source voxel -> 1 mm grid index: (i - crop start) * source spacing / 1 mm spacing.
+    bbox = spec["foreground_bbox"]
+    centre = [((a + b) / 2 - start) * src / dst for (a, b), start, src, dst
+              in zip(bbox, prepared.crop.start, image.grid.spacing, prepared.high_grid.spacing)]
+    benchlib.child_report(clock, baseline, prepare_seconds=seconds, prepare_cpu_seconds=cpu,
+                          high_shape=list(high.shape), low_shape=list(low.shape), kidney_centre_high=centre)
+
+
+def child_predict(spec: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    from kitspipe.inference.predictor import predict_volume
+    from kitspipe.plans import load_plans
+    from kitspipe.trainers.builtin import build_dual_network
+
+    plans = load_plans(spec["plans"])
+    high = np.load(spec["high"], mmap_mode="r")
+    low = np.load(spec["low"], mmap_mode="r")
+    box = spec["box"]  # [high start, high size, low start, low size] or None for the whole case
+    if box is not None:
+        high_start, high_size, low_start, low_size = box
+        high = high[tuple(slice(s, s + n) for s, n in zip(high_start, high_size))]
+        low = low[tuple(slice(s, s + n) for s, n in zip(low_start, low_size))]
+    high, low = np.ascontiguousarray(high), np.ascontiguousarray(low)
+    tile_plans = spy_on_tile_plans()
+    torch.manual_seed(0)
+    network = build_dual_network(plans).to(spec["device"]).eval()
+    flops = count_flops(network)
+    tile_seconds: list[float] = []
+    if spec["mode"] == "paper":  # one top-level forward per tile: time each
+        marks: dict[str, float] = {}
+
+        def tile_started(*_: Any) -> None:
+            marks["start"] = time.perf_counter()
+
+        def tile_finished(*_: Any) -> None:
+            if spec["device"] == "cuda":
+                torch.cuda.synchronize()  # the predictor copies the result to the host next anyway
+            tile_seconds.append(time.perf_counter() - marks["start"])
+
+        network.register_forward_pre_hook(tile_started)
+        network.register_forward_hook(tile_finished)
+    if spec["device"] == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    baseline = benchlib.rss_bytes()
+    clock = benchlib.ChildClock()
+    with torch.autocast(device_type=spec["device"], dtype=torch.bfloat16, enabled=spec["amp"]):
+        prediction = predict_volume(network, high, low, plans, mode=spec["mode"], device=spec["device"])
+    if spec["device"] == "cuda":
+        torch.cuda.synchronize()
+    benchlib.child_report(clock, baseline, flops=flops["flops"], tile_seconds=tile_seconds, tile_plans=tile_plans,
+                          high_shape=list(high.shape), low_shape=list(low.shape),
+                          output_shape=list(prediction.regions.shape),
+                          gpu_peak_bytes=torch.cuda.max_memory_allocated() if spec["device"] == "cuda" else 0)
+
+
+# ----------------------------------------------------------------------------- parent side
+
+def crop_box(centre: list[float], high_shape: list[int], low_shape: list[int], size_mm: int,
+             scale: int) -> list[list[int]] | None:
+    """The same physical box on both grids: a cube of ``size_mm`` 1 mm voxels around ``centre``
+    whose start is a multiple of ``scale`` (so it is a whole number of 4 mm voxels); None = whole case."""
+    if size_mm <= 0 or all(size_mm >= n for n in high_shape):
+        return None
+    high_start, high_size, low_start, low_size = [], [], [], []
+    for c, n_high, n_low in zip(centre, high_shape, low_shape):
+        size = min(size_mm, n_high)
+        start = int(round(c - size / 2))
+        start = max(0, min(start, n_high - size)) // scale * scale
+        high_start.append(start)
+        high_size.append(size)
+        low_start.append(start // scale)
+        low_size.append(min(n_low - start // scale, math.ceil((start + size) / scale) - start // scale))
+    return [high_start, high_size, low_start, low_size]
+
+
+def mode_settings(args) -> dict[str, dict[str, int]]:
+    """Crop (mm, 0 = whole case) and runs of each mode."""
+    on_cpu = args.device == "cpu"
+    settings = {}
+    for mode in MODES:
+        if args.crop is not None:
+            crop = args.crop
+        elif not on_cpu:
+            crop = 0
+        elif mode == "paper":
+            crop = 14 if args.quick else 30
+        else:
+            crop = 48 if args.quick else 96
+        slow = on_cpu and mode == "paper"
+        runs = args.repeats or (1 if args.quick or slow else 3)
+        settings[mode] = {"crop_mm": crop, "runs": runs}
+    return settings
+
+
+def measure(args) -> dict[str, Any]:
+    from kitspipe.fingerprint import load_fingerprint, run_fingerprint
+    from kitspipe.planning import run_plan
+    from kitspipe.plans import load_plans
+
+    with benchlib.data_folder(args.data) as data, benchlib.scratch_folder("infer") as scratch:
+        if not benchlib.has_cases(data):
+            print(f"synthesizing full-size case {args.case} (seed {args.seed}) in {data} ...", flush=True)
+            benchlib.synthesize(data, [args.case], args.seed, "full")
+        case = benchlib.labelled_cases(data, 1)[0]
+        linked = benchlib.link_case(case, scratch / "data")
+        work = scratch / "work"
+        run_fingerprint(linked, work, progress=False)
+        run_plan(work, "paper")
+        plans_path = work / "plans.json"
+        plans = load_plans(plans_path)
+        fingerprint = load_fingerprint(work)["cases"][0]
+
+        print(f"{case.case_id}: prepare_case (inference preprocessing) ...", flush=True)
+        prepared = benchlib.run_child(SCRIPT, {"task": "prepare", "plans": str(plans_path),
+                                               "image": str(case.image), "out": str(scratch),
+                                               "foreground_bbox": fingerprint["foreground_bbox"]})
+        high_shape, low_shape = prepared.extra["high_shape"], prepared.extra["low_shape"]
+        results: dict[str, list[ChildResult]] = {}
+        boxes: dict[str, list[list[int]] | None] = {}
+        settings = mode_settings(args)
+        for mode in MODES:
+            box = crop_box(prepared.extra["kidney_centre_high"], high_shape, low_shape, settings[mode]["crop_mm"],
+                           plans.scale)
+            boxes[mode] = box
+            where = "whole case" if box is None else f"crop {'×'.join(map(str, box[1]))} at 1 mm"
+            print(f"{mode} mode: {settings[mode]['runs']} run(s) on the {where} ...", flush=True)
+            spec = {"task": "predict", "plans": str(plans_path), "high": str(scratch / "high.npy"),
+                    "low": str(scratch / "low.npy"), "box": box, "mode": mode, "device": args.device, "amp": args.amp}
+            results[mode] = [benchlib.run_child(SCRIPT, spec) for _ in range(settings[mode]["runs"])]
+    return report(case.case_id, fingerprint, plans, prepared, results, boxes, high_shape, low_shape, args)
+
+
+def report(case_id: str, fingerprint: dict, plans, prepared: ChildResult, results: dict[str, list[ChildResult]],
+           boxes: dict[str, list[list[int]] | None], high_shape: list[int], low_shape: list[int],
+           args) -> dict[str, Any]:
+    high_dense, low_dense = dense_flops_per_voxel(plans)
+    case_voxels = math.prod(high_shape)
+    case_dense = case_voxels * high_dense + math.prod(low_shape) * low_dense
+    source_shape = fingerprint["shape"]
+    print()
+    spacing = "×".join(f"{s:.2f}" for s in fingerprint["spacing_mm"])
+    print(f"case {case_id}: source {'×'.join(map(str, source_shape))} voxels ({spacing} mm), "
+          f"1 mm grid {'×'.join(map(str, high_shape))} = {case_voxels / 1e6:.1f} M voxels, "
+          f"4 mm grid {'×'.join(map(str, low_shape))}")
+    print(f"prepare_case + normalise: {prepared.extra['prepare_seconds']:.1f} s "
+          f"({prepared.extra['prepare_cpu_seconds']:.1f} CPU s), peak RSS {mib(prepared.peak_rss)} MiB")
+    print(f"one dense pass: {high_dense / 1e6:.2f} MFLOP per 1 mm voxel + {low_dense / 1e6:.2f} MFLOP per 4 mm voxel "
+          f"= {case_dense / 1e12:.1f} TFLOP for this case")
+
+    rows = []
+    figures: dict[str, Any] = {
+        "case_id": case_id, "source_shape": source_shape, "high_shape": high_shape, "low_shape": low_shape,
+        "amp_bf16": args.amp,
+        "prepare": {"seconds": prepared.extra["prepare_seconds"],
+                    "cpu_seconds": prepared.extra["prepare_cpu_seconds"], "peak_rss_bytes": prepared.peak_rss},
+        "dense_flops_per_high_voxel": high_dense, "dense_flops_per_low_voxel": low_dense,
+        "dense_tflop_case": case_dense / 1e12, "modes": {}}
+    for mode, runs in results.items():
+        box = boxes[mode]
+        region_high = runs[0].extra["high_shape"]
+        region_low = runs[0].extra["low_shape"]
+        region_voxels = math.prod(region_high)
+        region_dense = region_voxels * high_dense + math.prod(region_low) * low_dense
+        seconds = Summary.of([r.seconds for r in runs])
+        flops = runs[0].extra["flops"]
+        gflops = flops / 1e9 / seconds.median
+        ratio = flops / region_dense
+        peak = Summary.of([r.peak_rss for r in runs])
+        tiles = [t for r in runs for t in r.extra["tile_seconds"]]
+        if box is None:
+            whole, how = seconds.median, "measured"
+        elif mode == "paper":
+            whole_tiles = paper_mode_tiles(region_high, runs[0].extra["tile_plans"][0], high_shape)
+            whole, how = Summary.of(tiles).median * whole_tiles, f"{whole_tiles} tiles × s per tile"
+        else:
+            whole_flops = fast_mode_flops(plans, tuple(high_shape), tuple(low_shape))
+            whole, how = whole_flops / 1e9 / gflops, "FLOPs ÷ GFLOP/s"
+        if box is None:
+            whole_ratio = ratio
+        elif mode == "paper":
+            whole_ratio = flops / runs[0].extra["tile_plans"][0]["tiles"] * whole_tiles / case_dense
+        else:
+            whole_ratio = fast_mode_flops(plans, tuple(high_shape), tuple(low_shape)) / case_dense
+        region = "whole case" if box is None else "crop " + "×".join(map(str, region_high))
+        # paper mode: dual forwards (one per tile); fast mode: 1 mm tiles + 4 mm tiles.
+        n_tiles = (len(runs[0].extra["tile_seconds"]) if mode == "paper"
+                   else "+".join(str(plan["tiles"]) for plan in reversed(runs[0].extra["tile_plans"])))
+        rows.append([mode, region, n_tiles, seconds.fmt(), Summary.of([r.cpu_seconds for r in runs]).fmt(1),
+                     Summary.of(tiles).fmt(2) if tiles else "-", f"{flops / 1e12:.2f}", f"{gflops:.0f}",
+                     f"{ratio:.1f}", mib(peak.median) + (f" / {mib(runs[0].extra['gpu_peak_bytes'])}"
+                                                          if args.device == "cuda" else ""),
+                     f"{whole:.0f} ({how})", f"{whole_ratio:.1f}"])
+        figures["modes"][mode] = {
+            "region": region, "box": box, "runs": len(runs), "tiles_per_run": n_tiles,
+            "tile_plans": runs[0].extra["tile_plans"], "seconds": summary_json([r.seconds for r in runs]),
+            "cpu_seconds": summary_json([r.cpu_seconds for r in runs]),
+            "tile_seconds": summary_json(tiles) if tiles else None, "tflop": flops / 1e12, "gflops": gflops,
+            "flops_over_dense": ratio, "peak_rss_bytes": summary_json([r.peak_rss for r in runs]),
+            "baseline_rss_bytes": runs[0].baseline_rss, "gpu_peak_bytes": runs[0].extra["gpu_peak_bytes"],
+            "whole_case_seconds": whole, "whole_case_seconds_method": how, "whole_case_flops_over_dense": whole_ratio}
+    print()
+    gpu = " / GPU" if args.device == "cuda" else ""
+    print(table(["mode", "region", "tiles (1mm+4mm)", "seconds", "CPU s", "s per tile", "TFLOP run", "GFLOP/s",
+                 "FLOPs/dense", f"peak RSS MiB{gpu}", "whole case s", "whole FLOPs/dense"], rows,
+                title="predict_volume, paper network (untrained weights, eval): median (min–max) of the runs"))
+    print("(FLOPs/dense: FLOPs that ran ÷ FLOPs of computing every output voxel once; peak RSS includes "
+          f"~{mib(results['fast'][0].baseline_rss)} MiB of interpreter, torch and the input arrays)")
+    if any(box is not None for box in boxes.values()):
+        print("crops: the same box of the 1 mm and 4 mm grids around the kidneys; whole-case seconds are "
+              "EXTRAPOLATED (paper: the whole case's tile count from kitspipe's tiler × median s per tile; "
+              "fast: the whole case's FLOPs from kitspipe's tile plan at the crop's GFLOP/s)")
+    return figures
+
+
+def main() -> None:
+    parser = benchlib.base_parser(__doc__)
+    parser.add_argument("--crop", type=int, default=None,
+                        help="edge in mm of the crop both modes run on; 0 = the whole case "
+                             "(default: CPU 30 mm paper / 96 mm fast, CUDA whole case)")
+    parser.add_argument("--case", type=int, default=0, help="synthetic case index (default 0)")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic dataset seed (default 0)")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast for the network")
+    args = parser.parse_args()
+    if args.child:
+        child_main(json.loads(args.child))
+        return
+    benchlib.check_device(args.device)
+    info = benchlib.machine(args.device)
+    print(benchlib.describe_machine(info))
+    started = time.perf_counter()
+    figures = measure(args)
+    figures["wall_seconds"] = time.perf_counter() - started
+    print(f"\nbenchmark wall time {figures['wall_seconds']:.0f} s")
+    benchlib.record(args.results, "bench/infer.py", args, info, figures)
+
+
+if __name__ == "__main__":
+    main()

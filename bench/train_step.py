@@ -1,0 +1,301 @@
+#!/usr/bin/env python3
+"""Benchmark of one training step, for the ``cpu`` and the ``paper`` preset.
+
+Per preset, in a fresh child process (clean peak RSS, see benchlib), with kitspipe's own
+parts: ``PatchSampler`` + ``make_augmenter`` + ``make_loader`` feed batches, the trainer from
+the registry (``get_trainer(plans.training.trainer)(plans)``) builds network and loss, and
+a step is what ``kitspipe.training.loop.run_epoch`` does: move the batch, zero the grads,
+``trainer.loss``, backward, Adam step (the ``full`` phase: the whole network, low-resolution
+blocks frozen as the trainer says). Measured:
+
+* seconds per step, split into data wait (time blocked on the loader) and compute;
+* compute GFLOP/s from ``kitspipe.planning.training_step_gflop`` (forward + backward of both
+  U-Nets ≈ 3 × forward, whole batch; the mask branch and the head are not counted);
+* in the same process, a plain ``torch.nn.functional.conv3d`` 32→32 3×3×3 on the preset's
+  high-resolution input size (and base→base at the preset's own width), the ceiling to
+  compare the step's GFLOP/s with;
+* the data loader alone: seconds per batch with the plan's workers, and one sample drawn in
+  the calling process (no workers), i.e. the CPU cost of sampling + augmentation.
+
+The ``cpu`` preset is resolved against a fingerprint of small synthetic cases; the
+``paper`` preset against the same cases (resampled to 1 mm and 4 mm: a full 108³ patch pair).
+
+Steps: one untimed warm-up step, then 10 timed steps (``cpu`` preset, and ``paper`` on
+CUDA) or 2 (``paper`` on CPU: 20-50 s each); ``--repeats N`` sets the timed steps of both.
+
+    python bench/train_step.py                      # 2-4.5 min on 2 cores, most of it the paper steps
+    python bench/train_step.py --quick              # 3 cpu steps, 1 cold paper step
+    python bench/train_step.py --device cuda --amp  # bf16 autocast on a GPU
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib  # noqa: E402
+from benchlib import Stopwatch, Summary, mib, summary_json, table  # noqa: E402
+
+SCRIPT = Path(__file__).resolve()
+PRESETS = ("cpu", "paper")
+
+
+# ----------------------------------------------------------------------------- child side
+
+def conv_reference(size: int, channels: int, device: str, repeats: int, amp: bool) -> dict[str, Any]:
+    """GFLOP/s of one ``conv3d`` channels→channels 3×3×3 (valid) on a ``size``³ input, batch 1."""
+    import torch
+    import torch.nn.functional as F
+
+    x = torch.randn(1, channels, size, size, size, device=device, requires_grad=True)
+    weight = (0.05 * torch.randn(channels, channels, 3, 3, 3, device=device)).requires_grad_(True)
+    flop = 2.0 * channels * channels * 27 * (size - 2) ** 3
+    forward, both = [], []
+    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+        for index in range(repeats + 1):  # the first of each is a warm-up
+            with torch.no_grad(), Stopwatch(device) as watch:
+                F.conv3d(x, weight)
+            if index:
+                forward.append(watch.seconds)
+            with Stopwatch(device) as watch:
+                out = F.conv3d(x, weight)
+                out.backward(torch.ones_like(out))
+            if index:
+                both.append(watch.seconds)
+            x.grad = weight.grad = None
+    return {"size": size, "channels": channels, "gflop_forward": flop / 1e9,
+            "forward_s": summary_json(forward), "forward_backward_s": summary_json(both),
+            "forward_gflops": flop / 1e9 / Summary.of(forward).median,
+            "forward_backward_gflops": 3 * flop / 1e9 / Summary.of(both).median}
+
+
+def child_main(spec: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    from kitspipe.data.augmentation import make_augmenter
+    from kitspipe.data.cases import open_cases
+    from kitspipe.data.loader import make_loader
+    from kitspipe.data.sampling import PatchSampler
+    from kitspipe.planning import training_step_gflop
+    from kitspipe.plans import load_plans
+    from kitspipe.trainers.registry import get_trainer
+    from kitspipe.training.loop import _to_device
+
+    work, device, amp = Path(spec["work"]), spec["device"], spec["amp"]
+    torch.manual_seed(0)
+    torch.use_deterministic_algorithms(True, warn_only=True)  # as kitspipe.training.run does
+    plans = load_plans(work / "plans.json")
+    case_ids = sorted(json.loads((work / "preprocessed" / "manifest.json").read_text())["cases"])
+    cases = open_cases(work / "preprocessed", case_ids)
+    sampler = PatchSampler(cases, plans, make_augmenter(plans))
+    workers = plans.training.num_workers if spec["workers"] is None else spec["workers"]
+
+    trainer = get_trainer(plans.training.trainer)(plans)
+    network = trainer.build_network().to(device)
+    loss_fn = trainer.build_loss().to(device)
+    phase = trainer.phases()[-1]  # "full": the whole network
+    optimiser = torch.optim.Adam(list(trainer.trainable_parameters(network, phase)), lr=plans.training.learning_rate)
+    network.train()
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    baseline = benchlib.rss_bytes()
+    clock = benchlib.ChildClock()
+
+    warmup, steps = spec["warmup"], spec["steps"]
+    data_s, compute_s, losses = [], [], []
+    loader = make_loader(sampler, plans, epoch=0, steps=warmup + steps, num_workers=workers, seed=plans.training.seed)
+    waited = time.perf_counter()
+    for index, batch in enumerate(loader):
+        started = time.perf_counter()
+        batch = _to_device(batch, torch.device(device))
+        optimiser.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+            terms = trainer.loss(network, loss_fn, batch, phase)
+        terms.total.backward()
+        optimiser.step()
+        losses.append(float(terms.total.detach()))  # synchronises, as the loop's bookkeeping does
+        if device == "cuda":
+            torch.cuda.synchronize()
+        finished = time.perf_counter()
+        if index >= warmup:
+            data_s.append(started - waited)
+            compute_s.append(finished - started)
+        waited = finished
+    del loader
+    training_peak_rss = benchlib.peak_rss_bytes()
+    gpu_peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
+
+    high_in, low_in = plans.high.input_patch[0], plans.low.input_patch[0]
+    step_gflop = training_step_gflop(plans, high_in, low_in)
+    reference_size = min(high_in, 108)
+    conv = [conv_reference(reference_size, 32, device, spec["conv_repeats"], amp)]
+    if plans.high.base_filters != 32:
+        conv.append(conv_reference(reference_size, plans.high.base_filters, device, spec["conv_repeats"], amp))
+
+    # The loader alone: the plan's workers, then one sample at a time in this process.
+    loader_batches = spec["loader_batches"]
+    intervals = []
+    started = time.perf_counter()
+    last = started
+    first_batch_s = 0.0
+    for index, _ in enumerate(make_loader(sampler, plans, epoch=1, steps=loader_batches + 1, num_workers=workers,
+                                          seed=plans.training.seed)):
+        now = time.perf_counter()
+        if index == 0:
+            first_batch_s = now - started
+        else:
+            intervals.append(now - last)
+        last = now
+    in_process = []
+    for index in range(spec["sample_repeats"]):
+        with Stopwatch() as watch:
+            sampler.sample(np.random.default_rng([plans.training.seed, 2, index]))
+        in_process.append(watch.seconds)
+
+    benchlib.child_report(
+        clock, baseline,
+        preset=plans.preset, high_input=high_in, low_input=low_in, high_output=plans.high.output_patch[0],
+        batch_size=plans.training.batch_size, workers=workers, warmup_steps=warmup, step_gflop=step_gflop,
+        data_s=data_s, compute_s=compute_s, losses=losses, training_peak_rss=training_peak_rss,
+        gpu_peak_bytes=gpu_peak, parameters=sum(p.numel() for p in network.parameters()), conv=conv,
+        loader_first_batch_s=first_batch_s, loader_interval_s=intervals, sample_in_process_s=in_process,
+        elastic_probability=plans.augmentation.elastic_probability)
+
+
+# ----------------------------------------------------------------------------- parent side
+
+def prepare(data: Path, scratch: Path, preset: str, n_cases: int) -> Path:
+    """Fingerprint, plan and preprocess ``n_cases`` cases of ``data`` with ``preset`` (not timed)."""
+    from kitspipe.fingerprint import run_fingerprint
+    from kitspipe.planning import run_plan
+    from kitspipe.preprocessing import run_preprocess
+
+    linked = scratch / f"data_{preset}"
+    for case in benchlib.labelled_cases(data, n_cases):
+        benchlib.link_case(case, linked)
+    work = scratch / f"work_{preset}"
+    run_fingerprint(linked, work, progress=False)
+    run_plan(work, preset)
+    run_preprocess(work, jobs=1, progress=False)
+    return work
+
+
+def plan_steps(args, preset: str) -> tuple[int, int]:
+    """(warm-up steps, timed steps) of a preset."""
+    slow = preset == "paper" and args.device == "cpu"
+    if args.repeats is not None:
+        return (0 if slow and args.quick else 1), args.repeats
+    if args.quick:
+        return (0, 1) if slow else (1, 3)
+    return (1, 2) if slow else (1, 10)
+
+
+def measure(args) -> dict[str, Any]:
+    n_cases = args.cases or 4
+    results = {}
+    with benchlib.data_folder(args.data) as data, benchlib.scratch_folder("train") as scratch:
+        if not benchlib.has_cases(data):
+            print(f"synthesizing {n_cases} small cases in {data} ...", flush=True)
+            benchlib.synthesize(data, range(n_cases), args.seed, "small")
+        for preset in args.presets:
+            # The paper preset's 1 mm grids are large; two cases are enough to draw patches from.
+            preset_cases = n_cases if preset == "cpu" else min(n_cases, 2)
+            print(f"{preset}: preparing {preset_cases} cases ...", flush=True)
+            work = prepare(data, scratch, preset, preset_cases)
+            warmup, steps = plan_steps(args, preset)
+            slow = preset == "paper" and args.device == "cpu"
+            spec = {"work": str(work), "device": args.device, "amp": args.amp, "workers": args.workers,
+                    "warmup": warmup, "steps": steps,
+                    "conv_repeats": args.repeats or (1 if slow and args.quick else 3),
+                    "loader_batches": 2 if args.quick else (4 if slow else 10),
+                    "sample_repeats": 3}
+            print(f"{preset}: {warmup} warm-up + {steps} timed steps ...", flush=True)
+            results[preset] = benchlib.run_child(SCRIPT, spec)
+    return report(results, args)
+
+
+def report(results: dict[str, benchlib.ChildResult], args) -> dict[str, Any]:
+    step_rows, conv_rows, loader_rows = [], [], []
+    figures: dict[str, Any] = {"amp_bf16": args.amp, "presets": {}}
+    for preset, result in results.items():
+        r = result.extra
+        data, compute = Summary.of(r["data_s"]), Summary.of(r["compute_s"])
+        total = Summary.of([d + c for d, c in zip(r["data_s"], r["compute_s"])])
+        gflops = Summary.of([r["step_gflop"] / c for c in r["compute_s"]])
+        best_conv = r["conv"][0]["forward_backward_gflops"]
+        step_rows.append([preset, f"{r['high_input']}³/{r['low_input']}³ → {r['high_output']}³", r["batch_size"],
+                          r["workers"], f"{r['step_gflop']:.0f}", total.n, data.fmt(3), compute.fmt(3),
+                          total.fmt(3), gflops.fmt(0), f"{100 * gflops.median / best_conv:.0f} %",
+                          mib(r["training_peak_rss"]) + (f" / {mib(r['gpu_peak_bytes'])}" if args.device == "cuda"
+                                                         else "")])
+        for conv in r["conv"]:
+            conv_rows.append([preset, f"{conv['channels']}→{conv['channels']}", f"{conv['size']}³",
+                              Summary.of(conv["forward_s"]["values"]).fmt(3),
+                              f"{conv['forward_gflops']:.0f}",
+                              Summary.of(conv["forward_backward_s"]["values"]).fmt(3),
+                              f"{conv['forward_backward_gflops']:.0f}"])
+        interval = Summary.of(r["loader_interval_s"])
+        sample = Summary.of(r["sample_in_process_s"])
+        loader_rows.append([preset, r["workers"], r["batch_size"], f"{r['loader_first_batch_s']:.2f}",
+                            interval.fmt(3), f"{r['batch_size'] / interval.median:.1f}", sample.fmt(3),
+                            f"{r['elastic_probability']:.1f}"])
+        figures["presets"][preset] = {
+            "high_input": r["high_input"], "low_input": r["low_input"], "high_output": r["high_output"],
+            "batch_size": r["batch_size"], "workers": r["workers"], "warmup_steps": r["warmup_steps"],
+            "parameters": r["parameters"], "step_gflop": r["step_gflop"],
+            "data_wait_s": summary_json(r["data_s"]), "compute_s": summary_json(r["compute_s"]),
+            "step_s": summary_json([d + c for d, c in zip(r["data_s"], r["compute_s"])]),
+            "compute_gflops": summary_json([r["step_gflop"] / c for c in r["compute_s"]]),
+            "losses": r["losses"], "peak_rss_bytes": r["training_peak_rss"], "gpu_peak_bytes": r["gpu_peak_bytes"],
+            "conv_reference": r["conv"],
+            "loader": {"first_batch_s": r["loader_first_batch_s"],
+                       "batch_interval_s": summary_json(r["loader_interval_s"]),
+                       "samples_per_s": r["batch_size"] / interval.median,
+                       "one_sample_in_process_s": summary_json(r["sample_in_process_s"])},
+        }
+    print()
+    gpu = " / GPU" if args.device == "cuda" else ""
+    print(table(["preset", "patch in (1mm/4mm) → out", "batch", "workers", "GFLOP/step", "steps", "data wait s",
+                 "compute s", "step s", "compute GFLOP/s", "of conv3d", f"peak RSS MiB{gpu}"],
+                step_rows, title="Training step: median (min–max) over the timed steps, after the warm-up"))
+    print("(GFLOP/step: kitspipe.planning.training_step_gflop, 3 × forward of both U-Nets for the batch; "
+          "'of conv3d' = compute GFLOP/s / conv3d 32→32 forward+backward GFLOP/s below)")
+    print()
+    print(table(["preset", "conv3d", "input", "forward s", "GFLOP/s", "forward+backward s", "GFLOP/s"], conv_rows,
+                title="Plain torch.nn.functional.conv3d 3×3×3, batch 1, measured in the same process"))
+    print()
+    print(table(["preset", "workers", "batch", "first batch s", "s per batch", "samples/s", "one sample in-process s",
+                 "elastic p"], loader_rows,
+                title="Data loader alone (make_loader over PatchSampler + augmentation, no training)"))
+    return figures
+
+
+def main() -> None:
+    parser = benchlib.base_parser(__doc__)
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast for forward and loss")
+    parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the plan's num_workers)")
+    parser.add_argument("--cases", type=int, default=None, help="synthetic small cases (default 4; paper uses 2)")
+    parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS),
+                        help="presets to measure (default both)")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic dataset seed (default 0)")
+    args = parser.parse_args()
+    if args.child:
+        child_main(json.loads(args.child))
+        return
+    benchlib.check_device(args.device)
+    info = benchlib.machine(args.device)
+    print(benchlib.describe_machine(info))
+    started = time.perf_counter()
+    figures = measure(args)
+    figures["wall_seconds"] = time.perf_counter() - started
+    print(f"\nbenchmark wall time {figures['wall_seconds']:.0f} s")
+    benchlib.record(args.results, "bench/train_step.py", args, info, figures)
+
+
+if __name__ == "__main__":
+    main()
