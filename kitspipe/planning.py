@@ -9,7 +9,8 @@ What the planner decides:
   smallest whose output spans the whole high-resolution input, so the low-resolution mask
   never has to be zero-padded and large-tile inference is exact (docs/interpretation.md);
 * the intensity normalisation: mean and standard deviation of clipped foreground HU;
-* the positive-class weights of the weighted cross-entropy, from how rare each region is.
+* the positive-class weights of the weighted cross-entropy, from how rare each region is near
+  the kidneys (inside the foreground bounding box).
 """
 
 from __future__ import annotations
@@ -91,21 +92,30 @@ def intensity_statistics(fingerprint: dict, clip: tuple[float, float]) -> tuple[
 def positive_weights(fingerprint: dict, cap: float) -> tuple[tuple[float, float], float]:
     """Weights of the positive voxels in the weighted cross-entropy.
 
-    Regions are rare (kidneys are ~1 % of a scan, tumours less), so positives get
-    sqrt(negatives / positives), measured on the median case and capped, a compromise between
-    no weighting and full inverse frequency that keeps the loss from over-segmenting.
+    Training patches are drawn around the kidneys (``sampling.positive_fraction``), so what the
+    loss sees is the class balance near the kidneys, not over the whole scan: the fractions are
+    measured inside each case's foreground bounding box (median over cases). Positives get
+    sqrt(negatives / positives), capped, a compromise between no weighting and full inverse
+    frequency; whole-scan frequencies made every weight hit the cap and the network
+    over-segment threefold.
     """
-    summary = fingerprint["summary"]
-    foreground = summary["foreground_fraction"].get("median", 0.01) or 0.01
-    tumour_share = summary["tumour_fraction_of_foreground"].get("median", 0.0) or 0.05
+    kidney_fractions, tumour_fractions = [], []
+    for case in fingerprint["cases"]:
+        box = case.get("foreground_bbox")
+        if not box:
+            continue
+        box_voxels = float(np.prod([b - a for a, b in box]))
+        kidney_fractions.append((case["voxels"]["kidney"] + case["voxels"]["tumour"]) / box_voxels)
+        if case["voxels"]["tumour"]:
+            tumour_fractions.append(case["voxels"]["tumour"] / box_voxels)
 
-    def weight(fraction: float) -> float:
+    def weight(fractions: list[float], fallback: float) -> float:
+        fraction = float(np.median(fractions)) if fractions else fallback
         fraction = min(max(fraction, 1e-6), 0.5)
-        return float(min(cap, max(1.0, math.sqrt((1 - fraction) / fraction))))
+        return round(float(min(cap, max(1.0, math.sqrt((1 - fraction) / fraction)))), 4)
 
-    kidney_weight = weight(foreground)
-    tumour_weight = weight(foreground * tumour_share)
-    return (round(kidney_weight, 4), round(tumour_weight, 4)), round(kidney_weight, 4)
+    kidney_weight = weight(kidney_fractions, 0.2)
+    return (kidney_weight, weight(tumour_fractions, 0.02)), kidney_weight
 
 
 def plan_from_fingerprint(preset: Plans, fingerprint: dict) -> Plans:
