@@ -196,6 +196,29 @@ def record(path: Path, script: str, args: argparse.Namespace, info: dict[str, An
 
 # ----------------------------------------------------------------------------- data
 
+
+def run_benchmark(args: argparse.Namespace, script: str, measure, child_main, notes: Sequence[str] = (),
+                  after=None, device_check: bool = True) -> None:
+    """The common ``main`` of every script: a child measurement, or the timed parent run that
+    prints the machine, measures, and appends its JSON line to the results file."""
+    if args.child:
+        child_main(json.loads(args.child))
+        return
+    if device_check:
+        check_device(args.device)
+    info = machine(args.device)
+    print(describe_machine(info))
+    for note in notes:
+        print(note)
+    started = time.perf_counter()
+    figures = measure(args)
+    figures["wall_seconds"] = time.perf_counter() - started
+    print(f"\nbenchmark wall time {figures['wall_seconds']:.0f} s")
+    if after is not None:
+        after(figures)
+    record(args.results, script, args, info, figures)
+
+
 @contextmanager
 def data_folder(requested: Path | None) -> Iterator[Path]:
     """The dataset folder: the one asked for (created if missing), or a temporary one."""

@@ -34,7 +34,6 @@ modes run on the whole case unless ``--crop`` says otherwise.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -410,18 +409,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="synthetic dataset seed (default 0)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for the network")
     args = parser.parse_args()
-    if args.child:
-        child_main(json.loads(args.child))
-        return
-    benchlib.check_device(args.device)
-    info = benchlib.machine(args.device)
-    print(benchlib.describe_machine(info))
-    started = time.perf_counter()
-    figures = measure(args)
-    figures["wall_seconds"] = time.perf_counter() - started
-    print(f"\nbenchmark wall time {figures['wall_seconds']:.0f} s")
-    benchlib.record(args.results, "bench/infer.py", args, info, figures)
-
+    benchlib.run_benchmark(args, "bench/infer.py", measure, child_main, notes=(), after=None)
 
 if __name__ == "__main__":
     main()

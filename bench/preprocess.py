@@ -27,7 +27,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -395,20 +394,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="synthetic dataset seed (default 0)")
     parser.add_argument("--plot", type=Path, default=None, help="write the scaling plot (PNG) here")
     args = parser.parse_args()
-    if args.child:
-        child_main(json.loads(args.child))
-        return
-    info = benchlib.machine(args.device)
-    print(benchlib.describe_machine(info))
-    print("the preprocess stage runs on the CPU whatever --device says")
-    started = time.perf_counter()
-    figures = measure(args)
-    figures["wall_seconds"] = time.perf_counter() - started
-    print(f"\nbenchmark wall time {figures['wall_seconds']:.0f} s")
-    if args.plot:
-        plot(figures, args.plot)
-    benchlib.record(args.results, "bench/preprocess.py", args, info, figures)
-
+    benchlib.run_benchmark(args, "bench/preprocess.py", measure, child_main, notes=("the preprocess stage runs on the CPU whatever --device says",), after=(lambda figures: plot(figures, args.plot)) if args.plot else None,
+                           device_check=False)
 
 if __name__ == "__main__":
     main()

@@ -284,18 +284,7 @@ def main() -> None:
                         help="presets to measure (default both)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic dataset seed (default 0)")
     args = parser.parse_args()
-    if args.child:
-        child_main(json.loads(args.child))
-        return
-    benchlib.check_device(args.device)
-    info = benchlib.machine(args.device)
-    print(benchlib.describe_machine(info))
-    started = time.perf_counter()
-    figures = measure(args)
-    figures["wall_seconds"] = time.perf_counter() - started
-    print(f"\nbenchmark wall time {figures['wall_seconds']:.0f} s")
-    benchlib.record(args.results, "bench/train_step.py", args, info, figures)
-
+    benchlib.run_benchmark(args, "bench/train_step.py", measure, child_main, notes=(), after=None)
 
 if __name__ == "__main__":
     main()

@@ -24,10 +24,7 @@ and pelvis inside the kidney outline are labelled kidney; the hilum notch is bac
 
 from __future__ import annotations
 
-import contextlib
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +33,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 from tqdm import tqdm
 
-from kitspipe.atomic import TEMP_PREFIX
+from kitspipe.imageio import write_image_atomic
 from kitspipe.synthetic_anatomy import (AIR_HU, KIDNEY, TUMOUR, TUMOUR_HU_RANGE, Anatomy,
                                         Ellipsoid, Kidney, Scan, Tumour, sample_anatomy,
                                         smooth_noise)
@@ -364,23 +361,6 @@ def synthesize_case(case_index: int, seed: int,
     return to_image(hu, case.scan), to_image(label, case.scan)
 
 
-def _write_image(image: sitk.Image, path: Path) -> None:
-    """Write via a temporary file in the same folder, so ``path`` is never half-written."""
-    fd, temporary = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", suffix=".nii.gz",
-                                     dir=path.parent)
-    os.close(fd)
-    try:
-        sitk.WriteImage(image, temporary, useCompression=True)
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
 def synthesize_dataset(out_dir: str | Path, n_cases: int, seed: int = 0, size: str = "small",
                        first_index: int = 0, with_labels: bool = True,
                        progress: bool = True) -> list[str]:
@@ -411,8 +391,8 @@ def synthesize_dataset(out_dir: str | Path, n_cases: int, seed: int = 0, size: s
         case_id = f"case_{index:05d}"
         folder = out_dir / case_id
         folder.mkdir(parents=True, exist_ok=True)
-        _write_image(image, folder / "imaging.nii.gz")
+        write_image_atomic(image, folder / "imaging.nii.gz")
         if with_labels:
-            _write_image(label, folder / "segmentation.nii.gz")
+            write_image_atomic(label, folder / "segmentation.nii.gz")
         case_ids.append(case_id)
     return case_ids

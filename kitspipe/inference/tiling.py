@@ -32,6 +32,8 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
+from kitspipe.networks.sizes import is_valid_input_size, output_size
+
 Triple = tuple[int, int, int]
 
 
@@ -288,24 +290,10 @@ def predict_tiled(
 
 
 def _valid_output(input_size: int, depth: int) -> int | None:
-    """Output edge of a valid U-Net of ``depth`` poolings, or None if the input is not valid.
-
-    Each level runs two unpadded 3x3x3 convolutions (-4 voxels); a 2x2x2 pooling needs an even
-    size; each 2x2x2 up-convolution doubles the size and is followed by two convolutions.
-    Depth 3: 108 -> 20, 268 -> 180 (valid inputs are 8k + 4).
-    """
-    size = input_size
-    for _ in range(depth):
-        size -= 4
-        if size <= 0 or size % 2:
-            return None
-        size //= 2
-    size -= 4
-    for _ in range(depth):
-        if size <= 0:
-            return None
-        size = 2 * size - 4
-    return size if size > 0 else None
+    """Output edge of the valid U-Net for ``input_size``, or None if that input is not valid."""
+    if input_size < 1 or not is_valid_input_size(input_size, depth):
+        return None
+    return output_size(input_size, depth)
 
 
 def _smallest_valid_input(at_least: int, depth: int) -> int:
