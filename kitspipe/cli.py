@@ -251,8 +251,9 @@ def _interrupt(signum, frame):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = None
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
     configure(-1 if args.quiet else (1 if args.verbose else 0))
     try:
         args.func(args)
@@ -262,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("kitspipe: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            # A signal that arrives once the work is done takes the default path.
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
