@@ -26,6 +26,9 @@ IN ?= $(DATA)
 OUT ?= $(WORK)/predictions
 FOLDS ?= 0
 DEMO ?= demo
+# bf16 autocast for train and infer: auto, bf16 or off (empty: the plan's setting).
+MIXED_PRECISION ?=
+PRECISION_FLAG = $(if $(MIXED_PRECISION),--mixed-precision $(MIXED_PRECISION))
 PREPROCESSED = $(WORK)/preprocessed/manifest.json
 
 .PHONY: install test demo synth check fingerprint show-fingerprint plan preprocess train cv infer evaluate \
@@ -65,20 +68,20 @@ $(WORK)/preprocessed/manifest.json: $(WORK)/plans.json
 # Training targets always ask kitspipe, which resumes an unfinished fold and says so when a fold
 # is already complete (a checkpoint file alone cannot tell make whether training finished).
 train: $(PREPROCESSED)
-	$(KITSPIPE) train $(WORK) --fold $(FOLD) --trainer $(TRAINER) --resume auto
+	$(KITSPIPE) train $(WORK) --fold $(FOLD) --trainer $(TRAINER) --resume auto $(PRECISION_FLAG)
 
 # Folds are independent jobs: `make -j 5 cv-folds` trains them in parallel; `make cv` then
 # predicts each fold's held-out cases and evaluates (training only what is not finished).
 CV_FOLDS = 0 1 2 3 4
 cv-folds: $(addprefix fold-,$(CV_FOLDS))
 fold-%: $(PREPROCESSED)
-	$(KITSPIPE) --no-progress train $(WORK) --fold $* --trainer $(TRAINER) --resume auto
+	$(KITSPIPE) --no-progress train $(WORK) --fold $* --trainer $(TRAINER) --resume auto $(PRECISION_FLAG)
 
 cv: $(PREPROCESSED)
 	$(KITSPIPE) cv $(WORK) --trainer $(TRAINER) -j $(JOBS)
 
 infer:
-	$(KITSPIPE) infer $(WORK) $(IN) $(OUT) --folds $(FOLDS) --trainer $(TRAINER)
+	$(KITSPIPE) infer $(WORK) $(IN) $(OUT) --folds $(FOLDS) --trainer $(TRAINER) $(PRECISION_FLAG)
 
 evaluate:
 	$(KITSPIPE) evaluate $(OUT) $(IN)

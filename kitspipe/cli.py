@@ -7,13 +7,17 @@ import logging
 import signal
 import sys
 import threading
+import typing
 from pathlib import Path
 
 from kitspipe import __version__
 from kitspipe.errors import KitspipeError
 from kitspipe.logs import add_stage_file, configure
+from kitspipe.plans import MixedPrecision
 
 log = logging.getLogger("kitspipe")
+
+MIXED_PRECISION_CHOICES = typing.get_args(MixedPrecision)
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -75,7 +79,8 @@ def _train(args: argparse.Namespace) -> None:
     resume = {"yes": True, "auto": "auto", None: False}[args.resume]
     folder = train_fold(args.work, args.fold, trainer=args.trainer, resume=resume, epochs=args.epochs,
                         max_minutes=args.max_minutes, device=args.device, force=args.force,
-                        plugins=tuple(args.plugin), progress=args.progress)
+                        plugins=tuple(args.plugin), progress=args.progress, mixed_precision=args.mixed_precision,
+                        compile_network=args.compile)
     log.info("train: %s", folder)
 
 
@@ -96,7 +101,7 @@ def _infer(args: argparse.Namespace) -> None:
     out = run_inference(args.work, args.input, args.output, folds=args.folds, mode=args.mode,
                         save_probabilities=args.save_probabilities, device=args.device, trainer=args.trainer,
                         checkpoint=args.checkpoint, postprocess=not args.no_postprocessing,
-                        plugins=tuple(args.plugin), progress=args.progress)
+                        plugins=tuple(args.plugin), progress=args.progress, mixed_precision=args.mixed_precision)
     log.info("infer: %s", out)
 
 
@@ -188,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, help="maximum epochs of the last phase (overrides the plan)")
     p.add_argument("--max-minutes", type=float, help="wall-clock budget (overrides the plan)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION_CHOICES,
+                   help="bf16 autocast: auto (bf16 on a CUDA GPU that supports it), bf16 or off (default: the plan's)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network for training")
     p.add_argument("--force", action="store_true", help="start over even if a run exists")
     p.set_defaults(func=_train)
 
@@ -214,6 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trainer")
     p.add_argument("--plugin", action="append", default=[])
     p.add_argument("--device")
+    p.add_argument("--mixed-precision", choices=MIXED_PRECISION_CHOICES,
+                   help="bf16 autocast: auto, bf16 or off (default: the plan's)")
     p.set_defaults(func=_infer)
 
     p = sub.add_parser("evaluate", help="KiTS19 metrics of predictions against reference labels")

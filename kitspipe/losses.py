@@ -208,6 +208,9 @@ class SegmentationLoss(nn.Module):
             logits: ``(B, C, *spatial)``.
             targets: ``(B, C, *spatial)`` 0/1 regions.
         """
+        # Under bf16 autocast the logits arrive in bf16; the sigmoid, the Dice sums over every
+        # voxel and the top-k mean are computed in float32 (no-op for float32 logits).
+        logits = logits.float()
         dice = soft_dice_loss(torch.sigmoid(logits), targets)
         bce = top_k_mean(_voxel_bce(logits, targets, self.positive_weights), self.topk_fraction)
         return self.dice_weight * dice + self.ce_weight * bce
@@ -252,11 +255,13 @@ class DualResolutionLoss(nn.Module):
 
     def low_term(self, low_logits: torch.Tensor, low_targets: torch.Tensor) -> torch.Tensor:
         """4 mm loss alone, e.g. to pre-train the low-resolution net (paper section 3)."""
+        low_logits = low_logits.float()  # float32 loss under bf16 autocast, as in SegmentationLoss
         return top_k_mean(_voxel_bce(low_logits, low_targets, self.low_positive_weight), self.topk_fraction)
 
     @staticmethod
     def classification_term(tumour_logit: torch.Tensor, tumour_present: torch.Tensor) -> torch.Tensor:
         """MSE of the sigmoid tumour-presence probability."""
+        tumour_logit = tumour_logit.float()  # float32 loss under bf16 autocast
         return F.mse_loss(torch.sigmoid(tumour_logit), tumour_present.to(tumour_logit.dtype))
 
     def forward(self, output: DualOutput, targets: DualTargets) -> LossTerms:

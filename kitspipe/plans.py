@@ -22,6 +22,8 @@ from kitspipe.errors import PlanError
 from kitspipe.schema import from_dict, merge, to_dict
 
 SCHEMA_VERSION = 1
+# bf16 autocast: "auto" = on a CUDA GPU that supports bf16, off elsewhere (kitspipe.devices).
+MixedPrecision = Literal["auto", "bf16", "off"]
 Triple = tuple[int, int, int]
 TripleF = tuple[float, float, float]
 
@@ -146,6 +148,10 @@ class TrainingPlan:
     non_finite_loss: Literal["stop", "skip"] = "stop"
     max_minutes: float | None = None
     n_folds: int = 5
+    # How the network runs, not what it learns: excluded from the resume identity (training.run).
+    mixed_precision: MixedPrecision = "off"
+    compile: bool = False
+    channels_last: bool = False
 
     def __post_init__(self) -> None:
         if self.n_folds < 2:
@@ -172,6 +178,7 @@ class PostprocessingPlan:
 class InferencePlan:
     tile_mode: Literal["paper", "fast"] = "fast"
     max_tile_voxels: int = 8_000_000
+    mixed_precision: MixedPrecision = "off"
 
 
 @dataclass(frozen=True)

@@ -12,10 +12,15 @@ Two tiling modes (``InferencePlan.tile_mode``):
   low-resolution output of a training patch spans the whole high-resolution input
   (``planner.low_output_covers_high_input``), because otherwise training saw a
   zero-padded mask border that whole-volume inference does not have (docs/inference.md).
+
+The network runs under bf16 autocast when ``inference.mixed_precision`` asks for it
+(``kitspipe.devices``); probabilities are computed from float32 logits. On CUDA, fast mode's
+tiles are as large as the free GPU memory allows, up to ``max_tile_voxels`` (``tile_budget``).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -23,12 +28,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from kitspipe.devices import autocast, autocast_dtype, unwrap
+from kitspipe.inference.tile_budget import tile_voxels_for_memory
 from kitspipe.inference.tiling import (Tile, TileStitcher, extract_input, fast_input_tile, plan_tiles,
                                        pooling_aligned_stride, predict_tiled)
 from kitspipe.networks.sizes import output_size
 from kitspipe.networks.dual_resolution import DualResolutionUNet
 from kitspipe.plans import Plans
 
+log = logging.getLogger(__name__)
 
 @dataclass
 class VolumePrediction:
@@ -53,10 +61,6 @@ def _air(plans: Plans) -> float:
     return float((plans.intensity.clip_hu[0] - plans.intensity.mean) / plans.intensity.std)
 
 
-def _unwrap(network: nn.Module) -> nn.Module:
-    return network.module if hasattr(network, "module") else network
-
-
 def _run(module, device: torch.device, *arrays: np.ndarray):
     tensors = [torch.from_numpy(np.ascontiguousarray(a))[None].to(device) for a in arrays]
     return module(*tensors)
@@ -65,55 +69,85 @@ def _run(module, device: torch.device, *arrays: np.ndarray):
 @torch.no_grad()
 def predict_volume(network: nn.Module, high_image: np.ndarray, low_image: np.ndarray | None, plans: Plans,
                    mode: str | None = None, device: torch.device | str = "cpu",
-                   progress: bool = False) -> VolumePrediction:
+                   progress: bool = False, mixed_precision: str | None = None) -> VolumePrediction:
     """Predict a whole preprocessed case.
 
     Args:
         network: a ``DualResolutionUNet`` or a plain ``UNet3D`` with two region outputs.
         high_image, low_image: normalised arrays on the plan's grids (see ``normalise``).
         mode: ``paper`` or ``fast``; default from the plan.
+        mixed_precision: ``auto``, ``bf16`` or ``off``; default from the plan.
     """
     mode = mode or plans.inference.tile_mode
     device = torch.device(device)
-    model = _unwrap(network)
+    dtype = autocast_dtype(mixed_precision or plans.inference.mixed_precision, device)
+    model = unwrap(network)  # a compiled network is recompiled per tile shape; the plain one is not
     was_training = model.training
     model.eval()
     try:
-        if isinstance(model, DualResolutionUNet):
-            if mode == "paper":
-                return _dual_paper(model, high_image, low_image, plans, device, progress)
-            return _dual_fast(model, high_image, low_image, plans, device, progress)
-        return VolumePrediction(_single(model, high_image, plans, mode, device, progress), None)
+        with autocast(device, dtype):
+            if isinstance(model, DualResolutionUNet):
+                if mode == "paper":
+                    return _dual_paper(model, high_image, low_image, plans, device, progress)
+                return _dual_fast(model, high_image, low_image, plans, device, progress)
+            return VolumePrediction(_single(model, high_image, plans, mode, device, progress), None)
     finally:
         model.train(was_training)
 
 
-def _tiles_for(mode: str, shape, depth: int, train_in, train_out, plans: Plans) -> tuple[list[Tile], tuple]:
-    """Tiles whose inputs all start on one pooling grid, so both modes give identical voxels."""
+def fast_tile_voxels(plans: Plans, device: torch.device, base_filters: int, branch_channels: int = 0) -> int:
+    """Fast mode's input-tile budget: the plan's ``max_tile_voxels``, and on CUDA no more than
+    the free GPU memory holds (in the autocast dtype in effect, see ``tile_budget``)."""
+    cap = plans.inference.max_tile_voxels
+    if device.type != "cuda":
+        return cap
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    element_bytes = 2 if torch.is_autocast_enabled("cuda") else 4
+    voxels = tile_voxels_for_memory(free_bytes, base_filters, branch_channels, element_bytes, cap)
+    log.debug("fast tiles: %.1f GiB free on %s -> at most %d voxels per tile", free_bytes / 2**30, device, voxels)
+    return voxels
+
+
+def _high_branch_channels(plans: Plans) -> int:
+    """Channels of the masked-image branch that join the 1 mm U-Net's finest skip (0: none)."""
+    if plans.network.mask_join == "input":
+        return 0
+    return plans.network.mask_branch_filters or plans.high.base_filters
+
+
+def _tiles_for(mode: str, shape, depth: int, train_in, train_out, plans: Plans,
+               max_voxels: int | None = None) -> tuple[list[Tile], tuple]:
+    """Tiles whose inputs all start on one pooling grid, so both modes give identical voxels.
+
+    Args:
+        max_voxels: fast mode's tile budget (default: ``inference.max_tile_voxels``).
+    """
     if mode == "paper":
         tile_in, tile_out = tuple(train_in), tuple(train_out)
     else:
-        tile_in = fast_input_tile(shape, depth, plans.inference.max_tile_voxels, min_input=train_in)
+        tile_in = fast_input_tile(shape, depth, max_voxels or plans.inference.max_tile_voxels, min_input=train_in)
         tile_out = tuple(output_size(s, depth) for s in tile_in)
     return plan_tiles(shape, tile_out, tile_in, stride=pooling_aligned_stride(tile_out, depth)), tile_in
 
 
 def _single(model: nn.Module, high_image: np.ndarray, plans: Plans, mode: str, device, progress) -> np.ndarray:
+    budget = fast_tile_voxels(plans, device, plans.high.base_filters)
     tiles, tile_in = _tiles_for(mode, high_image.shape, plans.high.depth, plans.high.input_patch,
-                                plans.high.output_patch, plans)
+                                plans.high.output_patch, plans, budget)
 
     def run(patch: np.ndarray) -> np.ndarray:
-        return torch.sigmoid(_run(model, device, patch).logits)[0].float().cpu().numpy()
+        return torch.sigmoid(_run(model, device, patch).logits.float())[0].cpu().numpy()
 
     return predict_tiled(high_image[None], tiles, tile_in, run, pad_value=_air(plans), progress=progress)
 
 
 def _low_probability(model: DualResolutionUNet, low_image: np.ndarray, plans: Plans, device, progress) -> np.ndarray:
+    budget = fast_tile_voxels(plans, device, plans.low.base_filters)
     tiles, tile_in = _tiles_for("fast", low_image.shape, plans.low.depth, plans.low.input_patch,
-                                plans.low.output_patch, plans)
+                                plans.low.output_patch, plans, budget)
 
     def run(patch: np.ndarray) -> np.ndarray:
-        return torch.sigmoid(_run(model.low_forward, device, patch))[0].float().cpu().numpy()
+        return torch.sigmoid(_run(model.low_forward, device, patch).float())[0].cpu().numpy()
 
     return predict_tiled(low_image[None], tiles, tile_in, run, pad_value=_air(plans), progress=progress)[0]
 
@@ -127,13 +161,14 @@ def _upsample(model: DualResolutionUNet, low_probability: np.ndarray, high_shape
 def _dual_fast(model: DualResolutionUNet, high_image, low_image, plans: Plans, device, progress) -> VolumePrediction:
     low_probability = _low_probability(model, low_image, plans, device, progress)
     mask = _upsample(model, low_probability, high_image.shape, device)
+    budget = fast_tile_voxels(plans, device, plans.high.base_filters, _high_branch_channels(plans))
     tiles, tile_in = _tiles_for("fast", high_image.shape, plans.high.depth, plans.high.input_patch,
-                                plans.high.output_patch, plans)
+                                plans.high.output_patch, plans, budget)
 
     def run(patch: np.ndarray) -> np.ndarray:
         image, tile_mask = patch[:1], patch[1:]
         out = _run(lambda a, b: model.high_forward(a, b, classify=False), device, image, tile_mask)
-        return torch.sigmoid(out.logits)[0].float().cpu().numpy()
+        return torch.sigmoid(out.logits.float())[0].cpu().numpy()
 
     stacked = np.stack([high_image, mask])
     regions = predict_tiled(stacked, tiles, tile_in, run, pad_value=[_air(plans), 0.0], progress=progress)
@@ -164,7 +199,7 @@ def _dual_paper(model: DualResolutionUNet, high_image, low_image, plans: Plans, 
         high_patch = extract_input(high_image, Tile(tile.output_start, tile.output_size, high_start), p_high, air)
         low_patch = extract_input(low_image, Tile(tile.output_start, tile.output_size, low_start), p_low, air)
         out = _run(model, device, high_patch[None], low_patch[None])
-        regions.add(tile, torch.sigmoid(out.high_logits)[0].float().cpu().numpy())
+        regions.add(tile, torch.sigmoid(out.high_logits.float())[0].cpu().numpy())
         mask = out.mask[0].float().cpu().numpy()
         low_map.add(tile, mask[(slice(None),) + tuple(slice(m, m + o) for m, o in zip(m_high, o_high))])
     crop = tuple(slice(s, s + n) for s, n in zip(shift, high_image.shape))

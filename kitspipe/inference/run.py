@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -83,7 +84,7 @@ def run_inference(work: str | Path, input_dir: str | Path, output_dir: str | Pat
                   mode: str | None = None, save_probabilities: bool = False, device: str | None = None,
                   trainer: str | None = None, checkpoint: str = "best", postprocess: bool = True,
                   plugins: tuple[str, ...] = (), progress: bool = True, case_ids: list[str] | None = None,
-                  unprocessed_dir: str | Path | None = None) -> Path:
+                  unprocessed_dir: str | Path | None = None, mixed_precision: str | None = None) -> Path:
     """The infer stage.
 
     Args:
@@ -94,11 +95,15 @@ def run_inference(work: str | Path, input_dir: str | Path, output_dir: str | Pat
         case_ids: predict only these cases of ``input_dir``.
         unprocessed_dir: also write the labels before post-processing there (cross-validation
             reports the effect of post-processing from one prediction).
+        mixed_precision: ``auto``, ``bf16`` or ``off``; overrides ``inference.mixed_precision``
+            (part of the plan hash, so a changed precision redoes the cases).
     """
     work, output_dir = Path(work), Path(output_dir)
     for plugin in plugins:
         load_plugin(plugin)
     plans = load_plans(work / "plans.json")
+    if mixed_precision is not None:
+        plans = replace(plans, inference=replace(plans.inference, mixed_precision=mixed_precision))
     trainer_name = trainer or plans.training.trainer
     folds = list(folds if folds is not None else [0])
     mode = mode or plans.inference.tile_mode

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kitspipe.devices import autocast, autocast_dtype, batch_to_device, channels_last_active, unwrap
 from kitspipe.errors import KitspipeError, Problem
 from kitspipe.plans import Plans
 from kitspipe.trainers.base import Phase, Trainer
@@ -46,10 +47,6 @@ class RunContext:
     progress: bool = True
 
 
-def _to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
 def _learning_rate(plans: Plans, epoch_in_phase: int) -> float:
     return plans.training.learning_rate * plans.training.lr_decay_per_epoch ** epoch_in_phase
 
@@ -58,7 +55,7 @@ def save_state(context: RunContext, network: nn.Module, optimiser: torch.optim.O
                tag: str = "latest") -> None:
     if context.rank != 0:
         return
-    core = network.module if hasattr(network, "module") else network
+    core = unwrap(network)  # plain keys whether the network is data-parallel, compiled or neither
     tensors = {"model": core.state_dict(), "optimiser": optimiser.state_dict(), "rng": rng_state()}
     save_checkpoint(context.folder, tag, tensors, {**context.metadata, "state": state.to_json()})
 
@@ -92,14 +89,19 @@ def run_epoch(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, optimise
                                          "loss_classification": 0.0, "steps": 0, "seconds_data": 0.0,
                                          "seconds_compute": 0.0, "skipped_steps": 0}
     trainer.set_train_mode(network, phase)
+    dtype = autocast_dtype(plans.training.mixed_precision, context.device)
+    channels_last = channels_last_active(plans.training.channels_last, context.device)
     batches = context.make_batches(state.global_epoch, state.step_in_epoch, steps)
     waited = time.perf_counter()
     for batch in batches:
         started = time.perf_counter()
         sums["seconds_data"] += started - waited
-        batch = _to_device(batch, context.device)
+        batch = batch_to_device(batch, context.device, channels_last)
         optimiser.zero_grad(set_to_none=True)
-        terms = trainer.loss(network, loss_fn, batch, phase)
+        # Forward and loss under autocast (the losses cast logits to float32 themselves);
+        # backward outside it, as torch recommends. bf16 needs no GradScaler.
+        with autocast(context.device, dtype):
+            terms = trainer.loss(network, loss_fn, batch, phase)
         if not torch.isfinite(terms.total):
             if plans.training.non_finite_loss == "stop":
                 raise KitspipeError(Problem("train", "-", context.folder, "non-finite loss; stopped, the last "

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from kitspipe import __version__
+from kitspipe.devices import autocast_dtype, channels_last_active, describe, maybe_compile, set_memory_format
 from kitspipe.errors import KitspipeError, Problem
 from kitspipe.locking import work_lock
 from kitspipe.manifest import require_complete
@@ -58,8 +59,13 @@ def _distributed() -> tuple[int, int]:
     return dist.get_rank(), world
 
 
-def _apply_overrides(plans: Plans, trainer: str | None, epochs: int | None, max_minutes: float | None) -> Plans:
+def _apply_overrides(plans: Plans, trainer: str | None, epochs: int | None, max_minutes: float | None,
+                     mixed_precision: str | None = None, compile_network: bool = False) -> Plans:
     changes = {}
+    if mixed_precision is not None:
+        changes["mixed_precision"] = mixed_precision
+    if compile_network:
+        changes["compile"] = True
     if trainer:
         changes["trainer"] = trainer
     if epochs is not None:
@@ -70,24 +76,30 @@ def _apply_overrides(plans: Plans, trainer: str | None, epochs: int | None, max_
 
 
 def _resume_identity(plans: Plans, preprocessed_sha: str) -> dict:
-    """What must not change under a resumed run: the plan except its run-length settings."""
-    stable = plans.with_training(max_epochs=1, max_minutes=None)
+    """What must not change under a resumed run: the plan except its run-length settings and how
+    the network runs (precision, compile, memory format), which a resumed run may change."""
+    stable = plans.with_training(max_epochs=1, max_minutes=None, mixed_precision="off", compile=False,
+                                 channels_last=False)
     return {"plans_sha256": stable.sha256(), "preprocessing_sha256": preprocessed_sha}
 
 
 def train_fold(work: str | Path, fold: int, trainer: str | None = None, resume: bool | str = False,
                epochs: int | None = None, max_minutes: float | None = None, device: str | None = None,
-               force: bool = False, plugins: tuple[str, ...] = (), progress: bool = True) -> Path:
+               force: bool = False, plugins: tuple[str, ...] = (), progress: bool = True,
+               mixed_precision: str | None = None, compile_network: bool = False) -> Path:
     """Train (or resume) one cross-validation fold; returns its output folder.
 
     Args:
         resume: True continues ``checkpoint_latest`` (an error if there is none); ``"auto"``
             continues it if present and starts the fold otherwise.
+        mixed_precision: ``auto``, ``bf16`` or ``off``; overrides ``training.mixed_precision``.
+        compile_network: turn ``training.compile`` on.
     """
     work = Path(work)
     for plugin in plugins:
         load_plugin(plugin)
-    plans = _apply_overrides(load_plans(work / "plans.json"), trainer, epochs, max_minutes)
+    plans = _apply_overrides(load_plans(work / "plans.json"), trainer, epochs, max_minutes, mixed_precision,
+                             compile_network)
     manifest = require_complete(work / PREPROCESSED_DIR / "manifest.json", "train", plans.preprocessing_sha256())
     case_ids = sorted(manifest["cases"])
     folds = load_or_create_splits(work, case_ids, plans.training.n_folds, plans.training.seed,
@@ -154,8 +166,14 @@ def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resum
         network.load_state_dict(tensors["model"])
         optimiser_state = tensors["optimiser"]
         set_rng_state(tensors["rng"])
+    network = set_memory_format(network, plans.training.channels_last, target)
     if world > 1:
         network = torch.nn.parallel.DistributedDataParallel(network, find_unused_parameters=True)
+    # Compiled after the weights are loaded, so the checkpoint's plain keys meet the plain module.
+    network = maybe_compile(network, plans.training.compile)
+    log.info("training fold %d on %s", fold, describe(
+        target, autocast_dtype(plans.training.mixed_precision, target),
+        channels_last=channels_last_active(plans.training.channels_last, target), compile=plans.training.compile))
     preprocessed = work / PREPROCESSED_DIR
     context = RunContext(
         folder=folder, plans=plans, device=target,

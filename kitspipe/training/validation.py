@@ -22,13 +22,15 @@ def whole_case_metrics(network: nn.Module, case, plans: Plans, device: torch.dev
     low_image = normalise(np.asarray(case.low_image), plans)
     low_label = np.asarray(case.low_label)
     if low_only:
-        from kitspipe.inference.predictor import _low_probability, _unwrap
+        from kitspipe.devices import autocast, autocast_dtype, unwrap
+        from kitspipe.inference.predictor import _low_probability
 
-        model = _unwrap(network)
+        model = unwrap(network)
         was_training = model.training
         model.eval()
         try:
-            with torch.no_grad():
+            # The precision inference will use, as predict_volume does for the full network.
+            with torch.no_grad(), autocast(device, autocast_dtype(plans.inference.mixed_precision, device)):
                 probability = _low_probability(model, low_image, plans, device, progress=False)
         finally:
             model.train(was_training)

@@ -1,0 +1,117 @@
+"""How the network runs on its device: mixed precision, ``torch.compile``, channels-last, unwrapping.
+
+Training (``kitspipe.training``) and inference (``kitspipe.inference``) read the plan's settings
+through these helpers, so that "auto" means the same thing in both and a wrapped network
+(DistributedDataParallel, ``torch.compile``) is unwrapped the same way everywhere.
+
+* Mixed precision is bf16 autocast only. bf16 has float32's exponent range, so unlike fp16 it
+  needs no GradScaler; losses and probabilities are still computed in float32 (the callers
+  cast logits with ``.float()``), because a sigmoid or a sum over a million voxels in bf16
+  loses digits that the Dice and the 0.5 threshold depend on.
+* ``torch.compile`` and channels-last are opt-in: compile costs minutes of start-up per new
+  input shape, and channels-last only pays off on CUDA tensor cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import typing
+
+import torch
+from torch import nn
+
+from kitspipe.plans import MixedPrecision
+
+MIXED_PRECISION_CHOICES: tuple[str, ...] = typing.get_args(MixedPrecision)
+
+
+def autocast_dtype(setting: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype a plan's ``mixed_precision`` asks for on ``device``; None means float32.
+
+    ``auto`` is bf16 on a CUDA device that supports it (Ampere and later) and off elsewhere:
+    on a CPU bf16 is fast only with AVX512_BF16/AMX, and the CPU preset's results must stay
+    bit-for-bit deterministic. ``bf16`` is bf16 on any device (CPU autocast supports it).
+    """
+    if setting not in MIXED_PRECISION_CHOICES:
+        raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, got {setting!r}")
+    device = torch.device(device)
+    if setting == "off":
+        return None
+    if setting == "bf16":
+        return torch.bfloat16
+    if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` for ``device`` in ``dtype``, or a no-op when ``dtype`` is None."""
+    device = torch.device(device)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``bf16`` or ``fp32``, for logs and benchmark records."""
+    return "fp32" if dtype is None else str(dtype).removeprefix("torch.").replace("bfloat16", "bf16")
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel / DataParallel and ``torch.compile`` wrappers.
+
+    Checkpoints save this module's ``state_dict``, so a compiled or data-parallel run writes the
+    same keys as a plain one (no ``module.`` or ``_orig_mod.`` prefixes) and loads anywhere.
+    """
+    while True:
+        if isinstance(network, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            network = network.module
+        elif isinstance(getattr(network, "_orig_mod", None), nn.Module):  # torch.compile's OptimizedModule
+            network = network._orig_mod
+        else:
+            return network
+
+
+def channels_last_active(requested: bool, device: torch.device | str) -> bool:
+    """Channels-last 3D is applied only on CUDA, where cuDNN's NDHWC kernels use it."""
+    return bool(requested) and torch.device(device).type == "cuda"
+
+
+def to_channels_last(tensor: torch.Tensor) -> torch.Tensor:
+    """5-D tensors in ``torch.channels_last_3d``; other tensors unchanged (the format needs 5 dims)."""
+    return tensor.contiguous(memory_format=torch.channels_last_3d) if tensor.dim() == 5 else tensor
+
+
+def batch_to_device(batch: dict, device: torch.device, channels_last: bool = False) -> dict:
+    """Move a batch's tensors to ``device``.
+
+    ``non_blocking`` lets the copy from the loader's pinned memory overlap with the previous
+    step's GPU work; it is a plain copy on the CPU.
+    """
+    moved = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, non_blocking=True)
+            if channels_last:
+                value = to_channels_last(value)
+        moved[key] = value
+    return moved
+
+
+def set_memory_format(network: nn.Module, channels_last: bool, device: torch.device | str) -> nn.Module:
+    """Weights in channels-last 3D on CUDA when asked (before any DDP wrapper is built, whose
+    gradient buckets take the parameters' strides at construction)."""
+    if channels_last_active(channels_last, device):
+        network = network.to(memory_format=torch.channels_last_3d)
+    return network
+
+
+def maybe_compile(network: nn.Module, enabled: bool) -> nn.Module:
+    """``torch.compile(network)`` when enabled, applied last: around DistributedDataParallel,
+    as the PyTorch DDP + compile notes recommend. Use :func:`unwrap` for the weights."""
+    return torch.compile(network) if enabled else network
+
+
+def describe(device: torch.device, dtype: torch.dtype | None, **flags: bool) -> str:
+    """``cuda in bf16, compile`` and the like, for the log line a stage starts with."""
+    return f"{device} in {precision_name(dtype)}" + "".join(f", {k.replace('_', '-')}" for k, on in flags.items() if on)
