@@ -36,6 +36,7 @@ from kitspipe.imageio import Volume, read_volume
 from kitspipe.locking import work_lock
 from kitspipe.manifest import MANIFEST_FILE, StageManifest
 from kitspipe.plans import Plans, load_plans
+from kitspipe.preflight import preprocess_bytes_needed, require_free_disk
 from kitspipe.progress import progress_bar
 from kitspipe.resampling import AIR_HU, Box, body_box, plan_grids, resample, sub_grid
 
@@ -173,6 +174,9 @@ def run_preprocess(work: str | Path, data: str | Path | None = None, jobs: int =
         if changed:
             raise KitspipeError(changed)
         log.info("preprocess: %d of %d cases to do", len(todo), len(cases))
+        # Refused before the first case, not when the disk fills halfway through the dataset.
+        require_free_disk("preprocess", out_root, preprocess_bytes_needed(
+            {c.case_id: c.image for c in todo}, plans.high.spacing_mm, plans.scale))
         manifest.save(status="incomplete" if todo else "complete")
         try:
             _run_cases(todo, plans, out_root, manifest, inputs, jobs, progress)
@@ -207,4 +211,4 @@ def _run_cases(todo: list[CaseFiles], plans: Plans, out_root: Path, manifest: St
             raise KitspipeError(Problem(
                 "preprocess", in_flight[0] if in_flight else "-", out_root,
                 "a worker process died (killed for memory?); rerun with fewer workers (-j 1)",
-                f"cases in flight: {', '.join(in_flight[:4])}", "")) from None
+                f"cases in flight or queued: {', '.join(in_flight[:4])}", "every case done")) from None

@@ -28,6 +28,7 @@ from kitspipe.locking import work_lock
 from kitspipe.manifest import MANIFEST_FILE, StageManifest
 from kitspipe.plans import Plans, load_plans
 from kitspipe.postprocessing import PostprocessingSettings
+from kitspipe.preflight import export_bytes_needed, require_free_disk
 from kitspipe.preprocessing import prepare_case
 from kitspipe.progress import progress_bar
 from kitspipe.trainers.registry import get_trainer, load_plugin
@@ -125,6 +126,10 @@ def run_inference(work: str | Path, input_dir: str | Path, output_dir: str | Pat
         remove_stale_temporaries(output_dir)
         manifest = StageManifest.open(output_dir / MANIFEST_FILE, "infer", config_sha)
         manifest.extra = {"trainer": trainer_name, "folds": folds, "mode": mode}
+        # Cases already done are skipped below; their outputs are on the disk already.
+        pending = {c.case_id: c.image for c in cases if manifest.cases.get(c.case_id, {}).get("status") != "done"}
+        require_free_disk("infer", output_dir, export_bytes_needed(
+            pending, files_per_case=1 + (unprocessed_dir is not None), probabilities=save_probabilities))
         for case in progress_bar(cases, desc="infer", enabled=progress):
             inputs = {"image": file_sha256(case.image)}
             if manifest.is_current(case.case_id, inputs):

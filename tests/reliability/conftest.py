@@ -9,6 +9,7 @@ only or uint16 with a qform only.
 from __future__ import annotations
 
 import gzip
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -121,3 +122,18 @@ class KitsFactory:
 def kits(tmp_path: Path) -> KitsFactory:
     return KitsFactory(tmp_path / "kits")
 
+
+
+@pytest.fixture
+def small_plans():
+    """The cpu preset with a tiny depth-1 network (24 -> 20 voxels) on 1 mm / 4 mm grids: a plain
+    ``UNet3D(1, 2, 4, 1)`` and the data loader fit it, and a few-centimetre volume needs several
+    training-size tiles. Fast tiling, 8 M voxels a tile; intensity mean 50, std 100 HU."""
+    from kitspipe.networks.sizes import output_size
+    from kitspipe.plans import ResolutionPlan, load_preset
+
+    base = load_preset("cpu")
+    patch = ((24,) * 3, (output_size(24, 1),) * 3)
+    return replace(base, high=ResolutionPlan((1.0,) * 3, 4, 1, *patch), low=ResolutionPlan((4.0,) * 3, 4, 1, *patch),
+                   intensity=replace(base.intensity, mean=50.0, std=100.0), training=replace(base.training, batch_size=1),
+                   inference=replace(base.inference, tile_mode="fast", max_tile_voxels=8_000_000))
