@@ -23,6 +23,7 @@ from kitspipe.errors import KitspipeError, Problem
 from kitspipe.hashing import file_sha256
 from kitspipe.imageio import read_volume
 from kitspipe.inference.export import labels_from_probabilities, to_source_grid, write_prediction, write_probabilities
+from kitspipe.inference.memory_fallback import predict_with_fallback
 from kitspipe.inference.predictor import normalise, predict_volume
 from kitspipe.locking import work_lock
 from kitspipe.manifest import MANIFEST_FILE, StageManifest
@@ -70,7 +71,8 @@ def predict_case(models: list[torch.nn.Module], image, plans: Plans, mode: str, 
     low = normalise(prepared.low_image, plans)
     regions_sum, low_sum = None, None
     for network in models:
-        prediction = predict_volume(network, high, low, plans, mode=mode, device=device, progress=progress)
+        prediction = predict_with_fallback(lambda tile_mode, tile_plans: predict_volume(
+            network, high, low, tile_plans, mode=tile_mode, device=device, progress=progress), plans, mode)
         regions_sum = prediction.regions if regions_sum is None else regions_sum + prediction.regions
         if prediction.low_on_high is not None:
             low_sum = prediction.low_on_high if low_sum is None else low_sum + prediction.low_on_high

@@ -1,0 +1,71 @@
+"""Whole-volume prediction that survives running out of GPU memory by using smaller tiles.
+
+Fast-mode tiles are sized by ``inference.max_tile_voxels`` and, on CUDA, by an estimate from
+the memory free when the case starts (``tile_budget``). An estimate that is off, another
+process allocating on the card meanwhile, or fragmentation after many cases can still make a
+tile fail with ``torch.cuda.OutOfMemoryError``, which would otherwise end an inference run of
+hundreds of cases on one unlucky case. The tile budget is then halved until the tiles are
+the training patch, which is known to fit since the network trained on it, and last the
+``paper`` mode's training-size tiles are tried; every step is logged. Smaller tiles repeat
+the valid-convolution margin more often, so they cost time, not accuracy: for a plain
+U-Net every mode gives the same voxels, and for the dual network ``paper`` mode is the
+training-time tiling (docs/inference.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import replace
+from typing import Callable, TypeVar
+
+import torch
+
+from kitspipe.errors import KitspipeError, Problem
+from kitspipe.plans import Plans
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def tile_fallbacks(plans: Plans, mode: str) -> list[tuple[str, Plans]]:
+    """(mode, plans) to try in order, from the plan's own tiles down to training-size ones."""
+    attempts = [(mode, plans)]
+    if mode != "fast":
+        return attempts
+    # fast_input_tile never goes below the training patch, so halving further changes nothing.
+    smallest = max(math.prod(plans.high.input_patch), math.prod(plans.low.input_patch))
+    budget = plans.inference.max_tile_voxels
+    while budget > smallest:
+        budget //= 2
+        attempts.append(("fast", replace(plans, inference=replace(plans.inference, max_tile_voxels=budget))))
+    attempts.append(("paper", plans))
+    return attempts
+
+
+def describe(mode: str, plans: Plans) -> str:
+    if mode == "fast":
+        return f"fast tiles of at most {plans.inference.max_tile_voxels} voxels"
+    return "paper (training-size) tiles"
+
+
+def predict_with_fallback(predict: Callable[[str, Plans], T], plans: Plans, mode: str, stage: str = "infer") -> T:
+    """``predict(mode, plans)``, retried with smaller tiles after a GPU out-of-memory error.
+
+    Raises:
+        KitspipeError: the smallest tiles ran out of memory too.
+    """
+    attempts = tile_fallbacks(plans, mode)
+    for index, (attempt_mode, attempt_plans) in enumerate(attempts):
+        try:
+            return predict(attempt_mode, attempt_plans)
+        except torch.cuda.OutOfMemoryError:
+            pass  # handled below, once the traceback no longer holds the failed tile's tensors
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if index + 1 < len(attempts):
+            log.warning("%s: GPU out of memory with %s; retrying with %s", stage,
+                        describe(attempt_mode, attempt_plans), describe(*attempts[index + 1]))
+    raise KitspipeError(Problem(stage, "-", "GPU", "out of memory even with the smallest tiles; free the GPU "
+                                "or run on the CPU (--device cpu)", describe(*attempts[-1]), "tiles that fit"))
