@@ -23,7 +23,13 @@ from pathlib import Path
 from kitspipe.errors import KitspipeError, Problem
 from kitspipe.labels import KITS_LABELS
 
-CASE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+# Matched with fullmatch: "$" alone would also accept a trailing newline, which a file name can hold.
+CASE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# The channel suffix of nnU-Net image names; [0-9], since \d also matches non-ASCII digits.
+CHANNEL_SUFFIX = re.compile(r"(.*)_([0-9]{4})")
+# Device names that Windows will not create as files, with any extension, in any letter case:
+# artefacts named after such a case could not be copied to a Windows share.
+WINDOWS_RESERVED = re.compile(r"(CON|PRN|AUX|NUL|COM[1-9]|LPT[1-9])", re.IGNORECASE)
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
 
@@ -112,9 +118,13 @@ def _strip_nifti(name: str) -> str | None:
 
 
 def validate_case_id(case_id: str, path: Path, stage: str, problems: list[Problem]) -> bool:
-    if "\x00" in case_id or not CASE_ID_PATTERN.match(case_id):
+    if "\x00" in case_id or not CASE_ID_PATTERN.fullmatch(case_id):
         problems.append(Problem(stage, repr(case_id), path, "invalid case id", repr(case_id),
                                 "letters, digits, '_' and '-' only, at most 64"))
+        return False
+    if WINDOWS_RESERVED.fullmatch(case_id):
+        problems.append(Problem(stage, repr(case_id), path, "invalid case id: a reserved device name on Windows",
+                                repr(case_id), "not CON, PRN, AUX, NUL, COM1-9 or LPT1-9"))
         return False
     return True
 
@@ -210,7 +220,7 @@ def _discover_nnunet(root: Path, stage: str, problems: list[Problem]) -> list[Ca
                 problems.append(Problem(stage, "-", path, "file ending does not match dataset.json",
                                         path.name, f"*{file_ending}"))
                 continue
-            match = re.match(r"^(.*)_(\d{4})$", stem)
+            match = CHANNEL_SUFFIX.fullmatch(stem)
             if match is None:
                 problems.append(Problem(stage, "-", path, "image name lacks the channel suffix", path.name,
                                         f"<case>_0000{file_ending}"))
@@ -271,8 +281,9 @@ def _discover_folder(root: Path, stage: str, problems: list[Problem]) -> list[Ca
         stem = _strip_nifti(path.name)
         if stem is None or path.name.startswith("."):
             continue
-        case_id = stem[:-5] if re.search(r"_\d{4}$", stem) else stem
-        if stem.endswith("_0000") or not re.search(r"_\d{4}$", stem):
+        suffixed = CHANNEL_SUFFIX.fullmatch(stem)
+        case_id = suffixed.group(1) if suffixed else stem
+        if suffixed is None or suffixed.group(2) == "0000":
             if validate_case_id(case_id, path, stage, problems):
                 cases.append(CaseFiles(case_id, path, None))
         else:

@@ -34,12 +34,18 @@ class Problem:
     severity: str = "error"
 
     def line(self) -> str:
-        text = f"kitspipe: {self.stage}: {self.case} {self.path}: {self.problem}"
+        text = f"kitspipe: {self.stage}: {_one_line(str(self.case))} {_one_line(str(self.path))}: {self.problem}"
         if self.observed or self.expected:
-            text += f" ({self.observed} vs {self.expected})"
+            text += f" ({_one_line(str(self.observed))} vs {_one_line(str(self.expected))})"
         if self.severity != "error":
             text += f" [{self.severity}]"
         return text
+
+
+def _one_line(text: str) -> str:
+    """``text`` with control characters escaped: a file name may hold a newline or a terminal
+    escape sequence, and one problem must stay one line of the log."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class KitspipeError(Exception):
