@@ -24,11 +24,19 @@ large tile, 3 runs). The whole-case figures are then extrapolated and marked as 
 tiler re-run on the whole grid with the tile sizes and stride the crop run used; every tile
 costs the same), ``fast`` mode as the whole case's FLOPs (its tile plan from kitspipe's
 tiler) at the GFLOP/s measured on the crop. With ``--device cuda`` both
-modes run on the whole case unless ``--crop`` says otherwise.
+modes run on the whole case unless ``--crop`` says otherwise (``--quick`` on CUDA: ``paper`` mode
+on a 100 mm crop, 125 tiles, ``fast`` mode on the whole case).
+
+``--amp`` runs the network under bf16 autocast through ``predict_volume(mixed_precision="bf16")``,
+as ``inference.mixed_precision`` does. A plain ``conv3d`` 32→32 on a 108³ input is measured on
+the same device in a child of its own (float32, and bf16 with ``--amp``), the ceiling for the
+GFLOP/s column. On CUDA the peak GPU memory (``torch.cuda.max_memory_allocated``) of each run is
+printed next to ``kitspipe.inference.tile_budget``'s estimate for fast mode's largest tile.
 
     python bench/infer.py                        # CPU: crops, 2.5-4 min on 2 cores
     python bench/infer.py --quick                # 14 mm / 48 mm crops, 1 run each
     python bench/infer.py --device cuda          # whole case, both modes
+    python bench/infer.py --device cuda --amp --quick   # bf16; paper mode on a 100 mm crop
     python bench/infer.py --crop 64              # one crop size for both modes (mm, 0 = whole case)
 """
 
@@ -42,6 +50,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+import ceiling  # noqa: E402
 from benchlib import ChildResult, Summary, mib, summary_json, table  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
@@ -161,8 +170,19 @@ def paper_mode_tiles(run_high_shape: list[int], tile_plan: dict[str, Any], case_
 def child_main(spec: dict[str, Any]) -> None:
     if spec["task"] == "prepare":
         child_prepare(spec)
+    elif spec["task"] == "conv":
+        child_conv(spec)
     else:
         child_predict(spec)
+
+
+def child_conv(spec: dict[str, Any]) -> None:
+    """The conv3d ceiling on the device, float32 and (with amp) bf16."""
+    baseline = benchlib.rss_bytes()
+    clock = benchlib.ChildClock()
+    conv = [ceiling.conv_reference(108, 32, spec["device"], spec["repeats"], amp)
+            for amp in ((False, True) if spec["amp"] else (False,))]
+    benchlib.child_report(clock, baseline, conv=conv)
 
 
 def child_prepare(spec: dict[str, Any]) -> None:
@@ -196,7 +216,8 @@ def child_predict(spec: dict[str, Any]) -> None:
     import numpy as np
     import torch
 
-    from kitspipe.inference.predictor import predict_volume
+    from kitspipe.devices import autocast
+    from kitspipe.inference.predictor import fast_tile_voxels, predict_volume
     from kitspipe.plans import load_plans
     from kitspipe.trainers.builtin import build_dual_network
 
@@ -227,18 +248,25 @@ def child_predict(spec: dict[str, Any]) -> None:
 
         network.register_forward_pre_hook(tile_started)
         network.register_forward_hook(tile_finished)
-    if spec["device"] == "cuda":
+    device = torch.device(spec["device"])
+    free_bytes, budget = 0, plans.inference.max_tile_voxels
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+        free_bytes = torch.cuda.mem_get_info()[0]
+        branch = mask_branch(plans)[1]
+        with autocast(device, torch.bfloat16 if spec["amp"] else None):  # the budget depends on the dtype
+            budget = fast_tile_voxels(plans, device, plans.high.base_filters, branch)
     baseline = benchlib.rss_bytes()
     clock = benchlib.ChildClock()
-    with torch.autocast(device_type=spec["device"], dtype=torch.bfloat16, enabled=spec["amp"]):
-        prediction = predict_volume(network, high, low, plans, mode=spec["mode"], device=spec["device"])
-    if spec["device"] == "cuda":
+    prediction = predict_volume(network, high, low, plans, mode=spec["mode"], device=device,
+                                mixed_precision="bf16" if spec["amp"] else "off")
+    if device.type == "cuda":
         torch.cuda.synchronize()
     benchlib.child_report(clock, baseline, flops=flops["flops"], tile_seconds=tile_seconds, tile_plans=tile_plans,
                           high_shape=list(high.shape), low_shape=list(low.shape),
-                          output_shape=list(prediction.regions.shape),
-                          gpu_peak_bytes=torch.cuda.max_memory_allocated() if spec["device"] == "cuda" else 0)
+                          output_shape=list(prediction.regions.shape), gpu_free_bytes_at_start=free_bytes,
+                          fast_tile_budget_voxels=budget,
+                          gpu_peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else 0)
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -269,7 +297,7 @@ def mode_settings(args) -> dict[str, dict[str, int]]:
         if args.crop is not None:
             crop = args.crop
         elif not on_cpu:
-            crop = 0
+            crop = 100 if args.quick and mode == "paper" else 0
         elif mode == "paper":
             crop = 14 if args.quick else 30
         else:
@@ -315,12 +343,17 @@ def measure(args) -> dict[str, Any]:
             spec = {"task": "predict", "plans": str(plans_path), "high": str(scratch / "high.npy"),
                     "low": str(scratch / "low.npy"), "box": box, "mode": mode, "device": args.device, "amp": args.amp}
             results[mode] = [benchlib.run_child(SCRIPT, spec) for _ in range(settings[mode]["runs"])]
-    return report(case.case_id, fingerprint, plans, prepared, results, boxes, high_shape, low_shape, args)
+        print("conv3d 32→32 reference ...", flush=True)
+        conv = benchlib.run_child(SCRIPT, {"task": "conv", "device": args.device, "amp": args.amp,
+                                           "repeats": args.repeats or (1 if args.quick else 3)}).extra["conv"]
+    return report(case.case_id, fingerprint, plans, prepared, results, boxes, high_shape, low_shape, conv, args)
 
 
 def report(case_id: str, fingerprint: dict, plans, prepared: ChildResult, results: dict[str, list[ChildResult]],
            boxes: dict[str, list[list[int]] | None], high_shape: list[int], low_shape: list[int],
-           args) -> dict[str, Any]:
+           conv: list[dict[str, Any]], args) -> dict[str, Any]:
+    from kitspipe.inference.tile_budget import DEFAULT_SAFETY, activation_bytes_per_voxel
+
     high_dense, low_dense = dense_flops_per_voxel(plans)
     case_voxels = math.prod(high_shape)
     case_dense = case_voxels * high_dense + math.prod(low_shape) * low_dense
@@ -338,7 +371,7 @@ def report(case_id: str, fingerprint: dict, plans, prepared: ChildResult, result
     rows = []
     figures: dict[str, Any] = {
         "case_id": case_id, "source_shape": source_shape, "high_shape": high_shape, "low_shape": low_shape,
-        "amp_bf16": args.amp,
+        "amp_bf16": args.amp, "conv_reference": conv,
         "prepare": {"seconds": prepared.extra["prepare_seconds"],
                     "cpu_seconds": prepared.extra["prepare_cpu_seconds"], "peak_rss_bytes": prepared.peak_rss},
         "dense_flops_per_high_voxel": high_dense, "dense_flops_per_low_voxel": low_dense,
@@ -373,10 +406,16 @@ def report(case_id: str, fingerprint: dict, plans, prepared: ChildResult, result
         # paper mode: dual forwards (one per tile); fast mode: 1 mm tiles + 4 mm tiles.
         n_tiles = (len(runs[0].extra["tile_seconds"]) if mode == "paper"
                    else "+".join(str(plan["tiles"]) for plan in reversed(runs[0].extra["tile_plans"])))
+        # Forward-only work against the forward conv3d of the same precision.
+        conv_gflops = next(c for c in conv if c["precision"] == ("bf16" if args.amp else "fp32"))["forward_gflops"]
+        high_tile = runs[0].extra["tile_plans"][-1]["input_tile"]  # the 1 mm plan is made last
+        estimate = (DEFAULT_SAFETY * math.prod(high_tile)
+                    * activation_bytes_per_voxel(plans.high.base_filters, mask_branch(plans)[1], 2 if args.amp else 4))
         rows.append([mode, region, n_tiles, seconds.fmt(), Summary.of([r.cpu_seconds for r in runs]).fmt(1),
-                     Summary.of(tiles).fmt(2) if tiles else "-", f"{flops / 1e12:.2f}", f"{gflops:.0f}",
-                     f"{ratio:.1f}", mib(peak.median) + (f" / {mib(runs[0].extra['gpu_peak_bytes'])}"
-                                                          if args.device == "cuda" else ""),
+                     Summary.of(tiles).fmt(3) if tiles else "-", f"{flops / 1e12:.2f}",
+                     ceiling.rate(gflops, args.device), f"{100 * gflops / conv_gflops:.0f} %",
+                     f"{ratio:.1f}", mib(peak.median) + (f" / {mib(runs[0].extra['gpu_peak_bytes'])} "
+                                                          f"(est. {mib(estimate)})" if args.device == "cuda" else ""),
                      f"{whole:.0f} ({how})", f"{whole_ratio:.1f}"])
         figures["modes"][mode] = {
             "region": region, "box": box, "runs": len(runs), "tiles_per_run": n_tiles,
@@ -385,14 +424,31 @@ def report(case_id: str, fingerprint: dict, plans, prepared: ChildResult, result
             "tile_seconds": summary_json(tiles) if tiles else None, "tflop": flops / 1e12, "gflops": gflops,
             "flops_over_dense": ratio, "peak_rss_bytes": summary_json([r.peak_rss for r in runs]),
             "baseline_rss_bytes": runs[0].baseline_rss, "gpu_peak_bytes": runs[0].extra["gpu_peak_bytes"],
+            "gpu_free_bytes_at_start": runs[0].extra["gpu_free_bytes_at_start"],
+            "fast_tile_budget_voxels": runs[0].extra["fast_tile_budget_voxels"],
+            "high_input_tile": high_tile, "estimated_tile_activation_bytes": estimate, "of_conv3d": gflops / conv_gflops,
             "whole_case_seconds": whole, "whole_case_seconds_method": how, "whole_case_flops_over_dense": whole_ratio}
     print()
-    gpu = " / GPU" if args.device == "cuda" else ""
-    print(table(["mode", "region", "tiles (1mm+4mm)", "seconds", "CPU s", "s per tile", "TFLOP run", "GFLOP/s",
-                 "FLOPs/dense", f"peak RSS MiB{gpu}", "whole case s", "whole FLOPs/dense"], rows,
+    gpu = " / GPU (estimate)" if args.device == "cuda" else ""
+    unit = ceiling.rate_unit(args.device)
+    print(table(["mode", "region", "tiles (1mm+4mm)", "seconds", "CPU s", "s per tile", "TFLOP run", unit,
+                 "of conv3d", "FLOPs/dense", f"peak RSS MiB{gpu}", "whole case s", "whole FLOPs/dense"], rows,
                 title="predict_volume, paper network (untrained weights, eval): median (min–max) of the runs"))
     print("(FLOPs/dense: FLOPs that ran ÷ FLOPs of computing every output voxel once; peak RSS includes "
-          f"~{mib(results['fast'][0].baseline_rss)} MiB of interpreter, torch and the input arrays)")
+          f"~{mib(results['fast'][0].baseline_rss)} MiB of interpreter, torch and the input arrays; "
+          f"precision {'bf16 autocast' if args.amp else 'fp32'})")
+    print()
+    print(table(["conv3d", "precision", "input", "forward s", unit], [
+        [f"{c['channels']}→{c['channels']}", c["precision"], f"{c['size']}³",
+         Summary.of(c["forward_s"]["values"]).fmt(4), ceiling.rate(c["forward_gflops"], args.device)] for c in conv],
+        title="Plain torch.nn.functional.conv3d 3×3×3, batch 1, same device ('of conv3d' above: forward of the "
+              "same precision)"))
+    if args.device == "cuda":
+        fast = figures["modes"]["fast"]
+        print(f"GPU: {fast['gpu_free_bytes_at_start'] / 2**30:.1f} GiB free at start; fast-mode tile budget from "
+              f"free memory {fast['fast_tile_budget_voxels']:,} voxels (cap {plans.inference.max_tile_voxels:,}); "
+              f"estimate = kitspipe.inference.tile_budget for the largest 1 mm tile "
+              f"{'×'.join(map(str, fast['high_input_tile']))}")
     if any(box is not None for box in boxes.values()):
         print("crops: the same box of the 1 mm and 4 mm grids around the kidneys; whole-case seconds are "
               "EXTRAPOLATED (paper: the whole case's tile count from kitspipe's tiler × median s per tile; "

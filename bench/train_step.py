@@ -13,7 +13,9 @@ blocks frozen as the trainer says). Measured:
   U-Nets ≈ 3 × forward, whole batch; the mask branch and the head are not counted);
 * in the same process, a plain ``torch.nn.functional.conv3d`` 32→32 3×3×3 on the preset's
   high-resolution input size (and base→base at the preset's own width), the ceiling to
-  compare the step's GFLOP/s with;
+  compare the step's GFLOP/s with: in float32, and with ``--amp`` in bf16 too (the step is
+  compared with the conv of its own precision);
+* peak GPU memory (``torch.cuda.max_memory_allocated``) on CUDA;
 * the data loader alone: seconds per batch with the plan's workers, and one sample drawn in
   the calling process (no workers), i.e. the CPU cost of sampling + augmentation.
 
@@ -22,10 +24,14 @@ The ``cpu`` preset is resolved against a fingerprint of small synthetic cases; t
 
 Steps: one untimed warm-up step, then 10 timed steps (``cpu`` preset, and ``paper`` on
 CUDA) or 2 (``paper`` on CPU: 20-50 s each); ``--repeats N`` sets the timed steps of both.
+``--amp``, ``--compile`` and ``--channels-last`` run the step the way the plan settings
+``training.mixed_precision``/``compile``/``channels_last`` make ``kitspipe train`` run it
+(``kitspipe.devices``); with ``--compile`` the warm-up is 2 steps (forward and backward graphs).
 
     python bench/train_step.py                      # 2-4.5 min on 2 cores, most of it the paper steps
     python bench/train_step.py --quick              # 3 cpu steps, 1 cold paper step
     python bench/train_step.py --device cuda --amp  # bf16 autocast on a GPU
+    python bench/train_step.py --device cuda --presets paper --quick --amp --channels-last
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+import ceiling  # noqa: E402
 from benchlib import Stopwatch, Summary, mib, summary_json, table  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
@@ -45,33 +52,6 @@ PRESETS = ("cpu", "paper")
 
 
 # ----------------------------------------------------------------------------- child side
-
-def conv_reference(size: int, channels: int, device: str, repeats: int, amp: bool) -> dict[str, Any]:
-    """GFLOP/s of one ``conv3d`` channels→channels 3×3×3 (valid) on a ``size``³ input, batch 1."""
-    import torch
-    import torch.nn.functional as F
-
-    x = torch.randn(1, channels, size, size, size, device=device, requires_grad=True)
-    weight = (0.05 * torch.randn(channels, channels, 3, 3, 3, device=device)).requires_grad_(True)
-    flop = 2.0 * channels * channels * 27 * (size - 2) ** 3
-    forward, both = [], []
-    with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
-        for index in range(repeats + 1):  # the first of each is a warm-up
-            with torch.no_grad(), Stopwatch(device) as watch:
-                F.conv3d(x, weight)
-            if index:
-                forward.append(watch.seconds)
-            with Stopwatch(device) as watch:
-                out = F.conv3d(x, weight)
-                out.backward(torch.ones_like(out))
-            if index:
-                both.append(watch.seconds)
-            x.grad = weight.grad = None
-    return {"size": size, "channels": channels, "gflop_forward": flop / 1e9,
-            "forward_s": summary_json(forward), "forward_backward_s": summary_json(both),
-            "forward_gflops": flop / 1e9 / Summary.of(forward).median,
-            "forward_backward_gflops": 3 * flop / 1e9 / Summary.of(both).median}
-
 
 def child_main(spec: dict[str, Any]) -> None:
     import numpy as np
@@ -81,10 +61,10 @@ def child_main(spec: dict[str, Any]) -> None:
     from kitspipe.data.cases import open_cases
     from kitspipe.data.loader import make_loader
     from kitspipe.data.sampling import PatchSampler
+    from kitspipe.devices import autocast, batch_to_device, channels_last_active, maybe_compile, set_memory_format
     from kitspipe.planning import training_step_gflop
     from kitspipe.plans import load_plans
     from kitspipe.trainers.registry import get_trainer
-    from kitspipe.training.loop import _to_device
 
     work, device, amp = Path(spec["work"]), spec["device"], spec["amp"]
     torch.manual_seed(0)
@@ -96,11 +76,14 @@ def child_main(spec: dict[str, Any]) -> None:
     workers = plans.training.num_workers if spec["workers"] is None else spec["workers"]
 
     trainer = get_trainer(plans.training.trainer)(plans)
-    network = trainer.build_network().to(device)
+    network = set_memory_format(trainer.build_network().to(device), spec["channels_last"], device)
     loss_fn = trainer.build_loss().to(device)
     phase = trainer.phases()[-1]  # "full": the whole network
     optimiser = torch.optim.Adam(list(trainer.trainable_parameters(network, phase)), lr=plans.training.learning_rate)
-    network.train()
+    network = maybe_compile(network, spec["compile"])  # last, as kitspipe.training.run does
+    trainer.set_train_mode(network, phase)
+    dtype = torch.bfloat16 if amp else None
+    channels_last = channels_last_active(spec["channels_last"], device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     baseline = benchlib.rss_bytes()
@@ -112,9 +95,9 @@ def child_main(spec: dict[str, Any]) -> None:
     waited = time.perf_counter()
     for index, batch in enumerate(loader):
         started = time.perf_counter()
-        batch = _to_device(batch, torch.device(device))
+        batch = batch_to_device(batch, torch.device(device), channels_last)
         optimiser.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, dtype):  # as kitspipe.training.loop.run_epoch
             terms = trainer.loss(network, loss_fn, batch, phase)
         terms.total.backward()
         optimiser.step()
@@ -133,9 +116,10 @@ def child_main(spec: dict[str, Any]) -> None:
     high_in, low_in = plans.high.input_patch[0], plans.low.input_patch[0]
     step_gflop = training_step_gflop(plans, high_in, low_in)
     reference_size = min(high_in, 108)
-    conv = [conv_reference(reference_size, 32, device, spec["conv_repeats"], amp)]
-    if plans.high.base_filters != 32:
-        conv.append(conv_reference(reference_size, plans.high.base_filters, device, spec["conv_repeats"], amp))
+    conv = []
+    for channels in sorted({32, plans.high.base_filters}, reverse=True):
+        for precision_amp in ((False, True) if amp else (False,)):
+            conv.append(ceiling.conv_reference(reference_size, channels, device, spec["conv_repeats"], precision_amp))
 
     # The loader alone: the plan's workers, then one sample at a time in this process.
     loader_batches = spec["loader_batches"]
@@ -190,9 +174,10 @@ def plan_steps(args, preset: str) -> tuple[int, int]:
     slow = preset == "paper" and args.device == "cpu"
     if args.repeats is not None:
         return (0 if slow and args.quick else 1), args.repeats
+    warmup = 2 if args.compile else 1
     if args.quick:
-        return (0, 1) if slow else (1, 3)
-    return (1, 2) if slow else (1, 10)
+        return (0, 1) if slow else (warmup, 3)
+    return (1, 2) if slow else (warmup, 10)
 
 
 def measure(args) -> dict[str, Any]:
@@ -209,7 +194,8 @@ def measure(args) -> dict[str, Any]:
             work = prepare(data, scratch, preset, preset_cases)
             warmup, steps = plan_steps(args, preset)
             slow = preset == "paper" and args.device == "cpu"
-            spec = {"work": str(work), "device": args.device, "amp": args.amp, "workers": args.workers,
+            spec = {"work": str(work), "device": args.device, "amp": args.amp, "compile": args.compile,
+                    "channels_last": args.channels_last, "workers": args.workers,
                     "warmup": warmup, "steps": steps,
                     "conv_repeats": args.repeats or (1 if slow and args.quick else 3),
                     "loader_batches": 2 if args.quick else (4 if slow else 10),
@@ -221,24 +207,30 @@ def measure(args) -> dict[str, Any]:
 
 def report(results: dict[str, benchlib.ChildResult], args) -> dict[str, Any]:
     step_rows, conv_rows, loader_rows = [], [], []
-    figures: dict[str, Any] = {"amp_bf16": args.amp, "presets": {}}
+    figures: dict[str, Any] = {"amp_bf16": args.amp, "compile": args.compile, "channels_last": args.channels_last,
+                               "presets": {}}
+    device = args.device
     for preset, result in results.items():
         r = result.extra
         data, compute = Summary.of(r["data_s"]), Summary.of(r["compute_s"])
         total = Summary.of([d + c for d, c in zip(r["data_s"], r["compute_s"])])
         gflops = Summary.of([r["step_gflop"] / c for c in r["compute_s"]])
-        best_conv = r["conv"][0]["forward_backward_gflops"]
+        # The step against the 32→32 conv of its own precision (bf16 under --amp).
+        precision = "bf16" if args.amp else "fp32"
+        best_conv = next(c for c in r["conv"] if c["channels"] == 32 and c.get("precision", "fp32") == precision)
+        best_conv = best_conv["forward_backward_gflops"]
         step_rows.append([preset, f"{r['high_input']}³/{r['low_input']}³ → {r['high_output']}³", r["batch_size"],
                           r["workers"], f"{r['step_gflop']:.0f}", total.n, data.fmt(3), compute.fmt(3),
-                          total.fmt(3), gflops.fmt(0), f"{100 * gflops.median / best_conv:.0f} %",
+                          total.fmt(3), ceiling.rate(gflops.median, device),
+                          f"{100 * gflops.median / best_conv:.0f} %",
                           mib(r["training_peak_rss"]) + (f" / {mib(r['gpu_peak_bytes'])}" if args.device == "cuda"
                                                          else "")])
         for conv in r["conv"]:
-            conv_rows.append([preset, f"{conv['channels']}→{conv['channels']}", f"{conv['size']}³",
-                              Summary.of(conv["forward_s"]["values"]).fmt(3),
-                              f"{conv['forward_gflops']:.0f}",
-                              Summary.of(conv["forward_backward_s"]["values"]).fmt(3),
-                              f"{conv['forward_backward_gflops']:.0f}"])
+            conv_rows.append([preset, f"{conv['channels']}→{conv['channels']}", conv.get("precision", "fp32"),
+                              f"{conv['size']}³", Summary.of(conv["forward_s"]["values"]).fmt(4),
+                              ceiling.rate(conv["forward_gflops"], device),
+                              Summary.of(conv["forward_backward_s"]["values"]).fmt(4),
+                              ceiling.rate(conv["forward_backward_gflops"], device)])
         interval = Summary.of(r["loader_interval_s"])
         sample = Summary.of(r["sample_in_process_s"])
         loader_rows.append([preset, r["workers"], r["batch_size"], f"{r['loader_first_batch_s']:.2f}",
@@ -260,13 +252,16 @@ def report(results: dict[str, benchlib.ChildResult], args) -> dict[str, Any]:
         }
     print()
     gpu = " / GPU" if args.device == "cuda" else ""
+    unit = ceiling.rate_unit(device)
     print(table(["preset", "patch in (1mm/4mm) → out", "batch", "workers", "GFLOP/step", "steps", "data wait s",
-                 "compute s", "step s", "compute GFLOP/s", "of conv3d", f"peak RSS MiB{gpu}"],
+                 "compute s", "step s", f"compute {unit}", "of conv3d", f"peak RSS MiB{gpu}"],
                 step_rows, title="Training step: median (min–max) over the timed steps, after the warm-up"))
     print("(GFLOP/step: kitspipe.planning.training_step_gflop, 3 × forward of both U-Nets for the batch; "
-          "'of conv3d' = compute GFLOP/s / conv3d 32→32 forward+backward GFLOP/s below)")
+          f"'of conv3d' = compute {unit} / conv3d 32→32 forward+backward {unit} below, same precision; "
+          f"precision {'bf16 autocast' if args.amp else 'fp32'}{', compiled' if args.compile else ''}"
+          f"{', channels-last' if args.channels_last else ''})")
     print()
-    print(table(["preset", "conv3d", "input", "forward s", "GFLOP/s", "forward+backward s", "GFLOP/s"], conv_rows,
+    print(table(["preset", "conv3d", "precision", "input", "forward s", unit, "forward+backward s", unit], conv_rows,
                 title="Plain torch.nn.functional.conv3d 3×3×3, batch 1, measured in the same process"))
     print()
     print(table(["preset", "workers", "batch", "first batch s", "s per batch", "samples/s", "one sample in-process s",
@@ -278,6 +273,9 @@ def report(results: dict[str, benchlib.ChildResult], args) -> dict[str, Any]:
 def main() -> None:
     parser = benchlib.base_parser(__doc__)
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for forward and loss")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the network (training.compile)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="channels_last_3d network and batches on CUDA (training.channels_last)")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the plan's num_workers)")
     parser.add_argument("--cases", type=int, default=None, help="synthetic small cases (default 4; paper uses 2)")
     parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS),
