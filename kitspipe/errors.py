@@ -21,7 +21,7 @@ class Problem:
         path: the file or folder concerned.
         problem: what is wrong, in a few words.
         observed: what was found (optional).
-        expected: what was expected (optional).
+        expected: what was expected (optional; without it the line ends ``(<observed>)``).
         severity: ``error`` stops the stage; ``warning`` is reported and the stage goes on.
     """
 
@@ -35,8 +35,10 @@ class Problem:
 
     def line(self) -> str:
         text = f"kitspipe: {self.stage}: {_one_line(str(self.case))} {_one_line(str(self.path))}: {self.problem}"
-        if self.observed or self.expected:
+        if self.expected:
             text += f" ({_one_line(str(self.observed))} vs {_one_line(str(self.expected))})"
+        elif self.observed:
+            text += f" ({_one_line(str(self.observed))})"
         if self.severity != "error":
             text += f" [{self.severity}]"
         return text

@@ -8,11 +8,13 @@ truncated remains of a killed run from before atomic writes, or built from other
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Iterator
 
 from kitspipe import __version__
 from kitspipe.atomic import atomic_write_json
@@ -65,6 +67,16 @@ class StageManifest:
             "outputs": {str(p.relative_to(folder)): file_sha256(p) for p in outputs},
             **details,
         }
+
+    @contextlib.contextmanager
+    def marking_interrupts(self) -> Iterator[None]:
+        """Record the status ``interrupted`` when Ctrl-C, or SIGTERM (which the command line turns
+        into the same KeyboardInterrupt), stops the block; the cases done so far stay recorded."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.save(status="interrupted")
+            raise
 
     def save(self, status: str | None = None) -> None:
         if status is not None:

@@ -178,11 +178,8 @@ def run_preprocess(work: str | Path, data: str | Path | None = None, jobs: int =
         require_free_disk("preprocess", out_root, preprocess_bytes_needed(
             {c.case_id: c.image for c in todo}, plans.high.spacing_mm, plans.scale))
         manifest.save(status="incomplete" if todo else "complete")
-        try:
+        with manifest.marking_interrupts():
             _run_cases(todo, plans, out_root, manifest, inputs, jobs, progress)
-        except KeyboardInterrupt:
-            manifest.save(status="interrupted")
-            raise
         stale_ids = sorted(set(manifest.cases) - {c.case_id for c in cases})
         for case_id in stale_ids:
             del manifest.cases[case_id]

@@ -132,23 +132,25 @@ def run_inference(work: str | Path, input_dir: str | Path, output_dir: str | Pat
         pending = {c.case_id: c.image for c in cases if manifest.cases.get(c.case_id, {}).get("status") != "done"}
         require_free_disk("infer", output_dir, export_bytes_needed(
             pending, files_per_case=1 + (unprocessed_dir is not None), probabilities=save_probabilities))
-        for case in progress_bar(cases, desc="infer", enabled=progress):
-            inputs = {"image": file_sha256(case.image)}
-            if manifest.is_current(case.case_id, inputs):
-                continue
-            image = read_volume(case.image, dtype=np.float32, stage="infer", case=case.case_id)
-            regions, low, _ = predict_case(models, image, plans, mode, target)
-            labels = labels_from_probabilities(regions, low, image.grid.spacing, settings)
-            written = [output_dir / f"{case.case_id}.nii.gz"]
-            write_prediction(labels, image, written[0])
-            if save_probabilities:
-                written.append(output_dir / f"{case.case_id}_probabilities.npz")
-                write_probabilities(regions, low, written[-1])
-            if unprocessed_dir is not None:
-                raw = labels_from_probabilities(regions, low, image.grid.spacing, postprocessing_settings(plans, False))
-                write_prediction(raw, image, Path(unprocessed_dir) / f"{case.case_id}.nii.gz")
-            manifest.record(case.case_id, inputs, written)
-            manifest.save(status="incomplete")
-            log.info("infer %s -> %s", case.case_id, written[0])
+        with manifest.marking_interrupts():
+            for case in progress_bar(cases, desc="infer", enabled=progress):
+                inputs = {"image": file_sha256(case.image)}
+                if manifest.is_current(case.case_id, inputs):
+                    continue
+                image = read_volume(case.image, dtype=np.float32, stage="infer", case=case.case_id)
+                regions, low, _ = predict_case(models, image, plans, mode, target)
+                labels = labels_from_probabilities(regions, low, image.grid.spacing, settings)
+                written = [output_dir / f"{case.case_id}.nii.gz"]
+                write_prediction(labels, image, written[0])
+                if save_probabilities:
+                    written.append(output_dir / f"{case.case_id}_probabilities.npz")
+                    write_probabilities(regions, low, written[-1])
+                if unprocessed_dir is not None:
+                    raw = labels_from_probabilities(regions, low, image.grid.spacing,
+                                                    postprocessing_settings(plans, False))
+                    write_prediction(raw, image, Path(unprocessed_dir) / f"{case.case_id}.nii.gz")
+                manifest.record(case.case_id, inputs, written)
+                manifest.save(status="incomplete")
+                log.info("infer %s -> %s", case.case_id, written[0])
         manifest.save(status="complete")
     return output_dir

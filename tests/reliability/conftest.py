@@ -137,3 +137,14 @@ def small_plans():
     return replace(base, high=ResolutionPlan((1.0,) * 3, 4, 1, *patch), low=ResolutionPlan((4.0,) * 3, 4, 1, *patch),
                    intensity=replace(base.intensity, mean=50.0, std=100.0), training=replace(base.training, batch_size=1),
                    inference=replace(base.inference, tile_mode="fast", max_tile_voxels=8_000_000))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny convolutions split over threads run many times slower on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

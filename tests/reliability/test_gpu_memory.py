@@ -19,13 +19,7 @@ from kitspipe.inference.run import predict_case
 from kitspipe.networks.unet3d import UNet3D
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny convolutions split over threads run many times slower on a busy machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _network_that_fits(plans, largest_voxels: float) -> tuple[torch.nn.Module, list[tuple[int, ...]]]:

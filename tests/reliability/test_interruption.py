@@ -128,3 +128,84 @@ def test_sigterm_stops_preprocess_cleanly_and_marks_the_manifest(tiny_work):
     assert not list((tiny_work / "preprocessed").rglob(".tmp-*"))
     subprocess.run(_kitspipe("preprocess", str(tiny_work)), check=True)
     assert json.loads(manifest.read_text())["status"] == "complete"
+
+
+@pytest.fixture
+def in_process_cli():
+    """``kitspipe.cli.main``, with the root logger's level and handlers restored afterwards: the
+    CLI sets them for a whole process, and later tests in this one must not inherit them."""
+    import logging
+
+    from kitspipe import cli
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield cli.main
+    root.setLevel(level)
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _sigterm_self() -> None:
+    # The same signal a scheduler or `docker stop` sends; the CLI turns it into KeyboardInterrupt.
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(1)  # the handler runs at the next bytecode; this only bounds a missing handler
+
+
+def test_sigterm_stops_inference_cleanly_and_marks_the_manifest(tiny_work, tiny_dataset, tmp_path, monkeypatch,
+                                                                one_torch_thread, in_process_cli):
+    from kitspipe.inference import run
+    from kitspipe.networks.unet3d import UNet3D
+
+    # An untrained network stands in for a trained fold: what is tested is the stop, not the labels.
+    monkeypatch.setattr(run, "load_fold_model", lambda *args, **kwargs: (UNet3D(1, 2, 4, 2).eval(), "0" * 64))
+    write = run.write_prediction
+    written = []
+
+    def write_then_stop(labels, image, path):
+        if len(written) == 1:
+            _sigterm_self()
+        write(labels, image, path)
+        written.append(path.name)
+
+    monkeypatch.setattr(run, "write_prediction", write_then_stop)
+    output = tmp_path / "predictions"
+    command = ["-q", "--no-progress", "infer", str(tiny_work), str(tiny_dataset), str(output), "--device", "cpu"]
+    assert in_process_cli(command) == 130
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted" and list(manifest["cases"]) == ["case_00000"]
+    assert sorted(p.name for p in output.iterdir() if not p.name.startswith(".kitspipe.lock")) == [
+        "case_00000.nii.gz", "manifest.json"]
+    first = (output / "case_00000.nii.gz").stat().st_mtime_ns
+    monkeypatch.setattr(run, "write_prediction", write)
+    assert in_process_cli(command) == 0
+    manifest = json.loads((output / "manifest.json").read_text())
+    assert manifest["status"] == "complete" and len(manifest["cases"]) == 4
+    assert (output / "case_00000.nii.gz").stat().st_mtime_ns == first, "a finished case was redone"
+
+
+def test_sigterm_stops_training_cleanly_and_releases_the_fold(tiny_work, monkeypatch, one_torch_thread,
+                                                             in_process_cli):
+    from kitspipe.trainers.builtin import UNet3DTrainer
+
+    loss = UNet3DTrainer.loss
+    steps = []
+
+    def loss_then_stop(self, *args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            _sigterm_self()
+        return loss(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet3DTrainer, "loss", loss_then_stop)
+    command = ["-q", "--no-progress", "train", str(tiny_work), "--fold", "0", "--trainer", "UNet3DTrainer",
+               "--epochs", "1", "--device", "cpu"]
+    assert in_process_cli(command) == 130
+    folder = tiny_work / "fold_0" / "UNet3DTrainer"
+    assert len(steps) == 2
+    assert not list(folder.rglob(".tmp-*")), "a temporary file was left behind"
+    # No epoch finished, so there is nothing to resume; the fold is not left locked either.
+    assert not (folder / "checkpoint_latest.pt").exists()
+    with work_lock(folder, "train fold 0"):
+        pass
