@@ -39,7 +39,8 @@ def make_splits(case_ids: list[str], n_folds: int, seed: int, validation_fractio
 
 
 def check_splits(folds: list[dict], case_ids: list[str], path: Path) -> None:
-    """Refuse unknown cases, overlaps inside a fold, and a case tested in two folds."""
+    """Refuse unknown cases, overlaps inside a fold, a case tested in two folds, and a case tested
+    in none (a split made before cases were added would leave them out of cross-validation)."""
     problems = []
     known = set(case_ids)
     tested: dict[str, int] = {}
@@ -59,6 +60,10 @@ def check_splits(folds: list[dict], case_ids: list[str], path: Path) -> None:
             if case in tested:
                 problems.append(Problem("split", case, path, "case tested in two folds", f"folds {tested[case]} and {index}"))
             tested[case] = index
+    if folds and all(isinstance(f, dict) and {"train", "test"} <= set(f) for f in folds):
+        for case in sorted(known - set(tested)):
+            problems.append(Problem("split", case, path, "case in no fold's test set; delete the file to draw "
+                                    "the folds again (made before cases were added?)"))
     if problems:
         raise KitspipeError(problems)
 

@@ -35,7 +35,10 @@ def _with(fold: int, **parts) -> list[dict]:
      [r"case_00002 {splits}: fold 0: case in both train and validation"]),
     (_with(1, train=["case_00000", "case_00002"]),
      [r"case_00002 {splits}: fold 1: case in both train and test"]),
-], ids=["unknown case", "tested in two folds", "train/validation overlap", "train/test overlap"])
+    (_with(1, test=["case_00002"]),
+     [r"case_00003 {splits}: case in no fold's test set; delete the file to draw the folds again "
+      r"\(made before cases were added\?\)"]),
+], ids=["unknown case", "tested in two folds", "train/validation overlap", "train/test overlap", "partial dataset"])
 def test_item_24_bad_split_file_is_refused_with_one_line_per_problem(tiny_work, folds, expected):
     splits = tiny_work / "splits.json"
     splits.write_text(json.dumps(folds))
