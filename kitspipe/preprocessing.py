@@ -196,16 +196,19 @@ def _run_cases(todo: list[CaseFiles], plans: Plans, out_root: Path, manifest: St
             manifest.save()
         return
     with ProcessPoolExecutor(max_workers=jobs, initializer=_worker_init) as pool:
-        futures = {pool.submit(preprocess_case, case, plans, out_root): case for case in todo}
+        finished: set[str] = set()
         try:
+            # Submitting is inside the try: a worker can die while later cases are still queued.
+            futures = {pool.submit(preprocess_case, case, plans, out_root): case for case in todo}
             for future in progress_bar(as_completed(futures), total=len(futures), desc="preprocess", enabled=progress):
                 case = futures[future]
                 written = future.result()
                 manifest.record(case.case_id, inputs[case.case_id], written)
                 manifest.save()
+                finished.add(case.case_id)
         except BrokenProcessPool:
-            in_flight = sorted(c.case_id for f, c in futures.items() if not f.done() or f.exception() is not None)
+            unfinished = [c.case_id for c in todo if c.case_id not in finished]
             raise KitspipeError(Problem(
-                "preprocess", in_flight[0] if in_flight else "-", out_root,
+                "preprocess", unfinished[0] if unfinished else "-", out_root,
                 "a worker process died (killed for memory?); rerun with fewer workers (-j 1)",
-                f"cases in flight or queued: {', '.join(in_flight[:4])}", "every case done")) from None
+                f"cases in flight or queued: {', '.join(unfinished[:4])}", "every case done")) from None

@@ -178,15 +178,21 @@ def _run_checks(cases: list[CaseFiles], stage: str, memory_limit_bytes: int | No
         return
     # spawn, not fork: a forked child may inherit ITK's thread pool in a locked state.
     context = multiprocessing.get_context("spawn")
+    def died(case: CaseFiles) -> KitspipeError:
+        return KitspipeError(Problem(stage, case.case_id, case.image, "a check worker died (killed for memory?)",
+                                     f"--jobs {jobs}", "fewer jobs or more memory"))
+
     with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = [pool.submit(check_case, case, stage, memory_limit_bytes) for case in cases]
+        try:
+            # spawn starts workers while cases are submitted, so one can die before all are queued.
+            futures = [pool.submit(check_case, case, stage, memory_limit_bytes) for case in cases]
+        except BrokenProcessPool:
+            raise died(cases[0]) from None
         for case, future in zip(cases, futures):
             try:
                 yield future.result()
             except BrokenProcessPool:
-                raise KitspipeError(Problem(stage, case.case_id, case.image,
-                                            "a check worker died (killed for memory?)",
-                                            f"--jobs {jobs}", "fewer jobs or more memory")) from None
+                raise died(case) from None
 
 
 def check_predictions(reference: Dataset, prediction_dir: str | Path, stage: str = "evaluate",

@@ -2,6 +2,7 @@
 naming it, within seconds, instead of a hang or a traceback through a pool's internals."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -34,37 +35,59 @@ def test_item_40_hung_loader_worker_stops_training_with_a_clear_error(small_plan
     assert elapsed < 10, f"the watchdog took {elapsed:.1f} s"
 
 
-def _children(pid: int) -> list[int]:
-    """Live child processes of ``pid``, from /proc (no psutil in the test environment)."""
+def _children(pid: int, marker: bytes) -> list[int]:
+    """Live child processes of ``pid`` whose command line holds ``marker``, from /proc (no psutil
+    in the test environment); the marker tells pool workers from helpers such as the resource tracker."""
     children = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
+            command = (stat.parent / "cmdline").read_bytes()
         except (OSError, IndexError):
             continue
-        if int(fields[1]) == pid and fields[0] != "Z":
+        if int(fields[1]) == pid and fields[0] != "Z" and marker in command:
             children.append(int(stat.parent.name))
     return sorted(children)
 
 
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the worker processes")
+def _kill_a_worker(arguments: list[str], marker: bytes) -> tuple[int, list[str], float]:
+    """Run ``kitspipe ARGUMENTS``, SIGKILL its first worker process as soon as it exists, and
+    return the exit code, the kitspipe error lines and the seconds from the kill to the exit."""
+    process = subprocess.Popen([sys.executable, "-m", "kitspipe", "--no-progress", *arguments],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    workers: list[int] = []
+    while not workers and process.poll() is None and time.monotonic() < deadline:
+        workers = _children(process.pid, marker)
+        time.sleep(0.01)
+    assert workers, "the stage ended before a worker process was seen"
+    os.kill(workers[0], signal.SIGKILL)
+    killed = time.monotonic()
+    _, stderr = process.communicate(timeout=30)
+    return process.returncode, [line for line in stderr.splitlines() if line.startswith("kitspipe: ")], \
+        time.monotonic() - killed
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc to find the workers")
+
+
+@needs_proc
 def test_item_38_killed_preprocess_worker_is_reported_naming_the_case(tiny_work):
     import shutil
 
     shutil.rmtree(tiny_work / "preprocessed")
-    process = subprocess.Popen([sys.executable, "-m", "kitspipe", "--no-progress", "preprocess", str(tiny_work),
-                                "-j", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    workers: list[int] = []
-    while not workers and process.poll() is None and time.monotonic() < deadline:
-        workers = _children(process.pid)
-        time.sleep(0.01)
-    assert workers, "preprocess ended before a worker process was seen"
-    os.kill(workers[0], signal.SIGKILL)
-    killed = time.monotonic()
-    _, stderr = process.communicate(timeout=30)
-    lines = [line for line in stderr.splitlines() if line.startswith("kitspipe: preprocess:")]
-    assert process.returncode == 2, stderr[-2000:]
-    assert len(lines) == 1 and "a worker process died" in lines[0] and "-j 1" in lines[0], stderr[-2000:]
-    assert lines[0].split()[2].startswith("case_0000"), lines[0]
-    assert time.monotonic() - killed < 15
+    # preprocess forks its workers: their command line is the parent's.
+    code, lines, seconds = _kill_a_worker(["preprocess", str(tiny_work), "-j", "2"], b"kitspipe")
+    assert code == 2 and len(lines) == 1, lines
+    assert re.match(r"kitspipe: preprocess: case_0000\d \S+: a worker process died \(killed for memory\?\); "
+                    r"rerun with fewer workers \(-j 1\) \(cases in flight or queued: case_0000", lines[0]), lines
+    assert seconds < 15
+
+
+@needs_proc
+def test_item_38_killed_check_worker_is_reported_naming_the_case(tiny_dataset):
+    code, lines, seconds = _kill_a_worker(["check", str(tiny_dataset), "-j", "2"], b"spawn_main")
+    assert code == 2 and len(lines) == 1, lines
+    assert re.match(r"kitspipe: check: case_0000\d \S+imaging.nii.gz: a check worker died \(killed for memory\?\) "
+                    r"\(--jobs 2 vs fewer jobs or more memory\)", lines[0]), lines
+    assert seconds < 15
