@@ -172,6 +172,7 @@ class PostprocessingPlan:
     drop_unconnected_tumour: bool = True
     low_resolution_mask: bool = True
     low_resolution_dilation_mm: float = 10.0
+    low_resolution_mask_first: bool = True
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,10 @@ class PostprocessingSettings:
         low_resolution_mask: keep only voxels near the low-resolution kidney ∪ tumour mask.
         low_resolution_dilation_mm: how far around the low-resolution mask voxels are kept;
             the paper's 10 dilation iterations on the 1 mm grid are 10 mm.
+        low_resolution_mask_first: apply the low-resolution mask before the component steps
+            rather than last. The paper lists it last; applied last, a spurious blob larger
+            than the real kidney on the same side wins "keep the largest" and the mask then
+            removes it, losing that kidney altogether (docs/interpretation.md).
     """
 
     threshold: float = 0.5
@@ -50,6 +54,7 @@ class PostprocessingSettings:
     drop_unconnected_tumour: bool = True
     low_resolution_mask: bool = True
     low_resolution_dilation_mm: float = 10.0
+    low_resolution_mask_first: bool = True
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -191,16 +196,19 @@ def postprocess(
 ) -> np.ndarray:
     """Region probabilities -> KiTS label map (0 background, 1 kidney, 2 tumour).
 
-    Steps, in the paper's order; each switch in ``settings`` skips its step only:
+    Steps; each switch in ``settings`` skips its step only:
 
     1. threshold: K = channel 0 > t (kidney ∪ tumour), T = channel 1 > t (tumour);
-    2. ``keep_largest_kidney_per_side``: K = largest component of K on each side of the
+    2. ``low_resolution_mask`` (when ``low_resolution_mask_first``, the default): with
+       L = low-resolution probability > t, dilated by ``low_resolution_dilation_mm``:
+       K = K ∧ L, T = T ∧ L;
+    3. ``keep_largest_kidney_per_side``: K = largest component of K on each side of the
        midline (centre of the x axis);
-    3. ``drop_unconnected_tumour``: T = components of T that overlap or touch K;
-    4. region R = K ∪ T, so a kept tumour is always inside the kidney ∪ tumour region;
-    5. ``low_resolution_mask``: with L = low-resolution probability > t, dilated by
-       ``low_resolution_dilation_mm``: R = R ∧ L, T = T ∧ L;
-    6. labels: 2 where T, else 1 where R, else 0.
+    4. ``drop_unconnected_tumour``: T = components of T that overlap or touch K;
+    5. region R = K ∪ T, so a kept tumour is always inside the kidney ∪ tumour region;
+    6. ``low_resolution_mask`` in the paper's place instead (``low_resolution_mask_first``
+       off): R = R ∧ L, T = T ∧ L;
+    7. labels: 2 where T, else 1 where R, else 0.
 
     Args:
         region_probabilities: (2, z, y, x) sigmoid probabilities on the fine grid.
@@ -219,22 +227,25 @@ def postprocess(
         raise ValueError(f"spacing must be three positive numbers, got {spacing}")
     kidney = binarize(probabilities[0], settings.threshold)
     tumour = binarize(probabilities[1], settings.threshold)
+    allowed = None
+    if settings.low_resolution_mask:
+        if low_res_probability is None:
+            raise ValueError("low_resolution_mask is on but no low-resolution probability was given")
+        if np.shape(low_res_probability) != kidney.shape:
+            raise ValueError(
+                f"low-resolution probability {np.shape(low_res_probability)} is not on the grid {kidney.shape}"
+            )
+        low_res = binarize(low_res_probability, settings.threshold)
+        allowed = dilate_mm(low_res, settings.low_resolution_dilation_mm, spacing)
+    if allowed is not None and settings.low_resolution_mask_first:
+        kidney, tumour = kidney & allowed, tumour & allowed
     if settings.keep_largest_kidney_per_side:
         kidney = keep_largest_kidney_per_side(kidney)
     if settings.drop_unconnected_tumour:
         tumour = drop_unconnected_tumour(tumour, kidney)
     region = kidney | tumour
-    if settings.low_resolution_mask:
-        if low_res_probability is None:
-            raise ValueError("low_resolution_mask is on but no low-resolution probability was given")
-        if np.shape(low_res_probability) != region.shape:
-            raise ValueError(
-                f"low-resolution probability {np.shape(low_res_probability)} is not on the grid {region.shape}"
-            )
-        low_res = binarize(low_res_probability, settings.threshold)
-        allowed = dilate_mm(low_res, settings.low_resolution_dilation_mm, spacing)
-        region = region & allowed
-        tumour = tumour & allowed
+    if allowed is not None and not settings.low_resolution_mask_first:
+        region, tumour = region & allowed, tumour & allowed
     labels = region.astype(np.uint8)
     labels[tumour] = 2
     return labels

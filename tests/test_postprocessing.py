@@ -223,3 +223,23 @@ def test_functions_return_new_arrays():
     ]
     for result in results:
         assert result is not mask and not np.shares_memory(result, mask)
+
+
+@pytest.mark.parametrize("mask_first", [True, False])
+def test_low_resolution_mask_first_saves_a_kidney_beaten_by_a_larger_false_blob(mask_first):
+    # Seen in the demo: a false blob at the body wall, larger than the real right kidney, wins
+    # "keep the largest" on that side; masking last then removes it and the kidney is lost.
+    big_blob = box((0, 12), (0, 14), (0, 3))
+    big_blob |= box((0, 12), (12, 14), (3, 19))
+    assert big_blob.sum() > RIGHT_KIDNEY.sum()
+    probabilities = np.zeros((2, *SHAPE), dtype=np.float32)
+    probabilities[0][RIGHT_KIDNEY | LEFT_KIDNEY | big_blob] = 0.9
+    low = np.zeros(SHAPE, dtype=np.float32)
+    low[RIGHT_KIDNEY | LEFT_KIDNEY] = 0.9
+    settings_ = PostprocessingSettings(low_resolution_dilation_mm=0.0, low_resolution_mask_first=mask_first)
+    labels = postprocess(probabilities, (1.0, 1.0, 1.0), settings_, low)
+    assert np.array_equal(labels[LEFT_KIDNEY], np.ones(LEFT_KIDNEY.sum()))
+    assert not labels[big_blob].any()
+    assert bool(labels[RIGHT_KIDNEY].all()) is mask_first
+    if not mask_first:
+        assert not labels[RIGHT_KIDNEY].any()

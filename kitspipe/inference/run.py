@@ -57,9 +57,11 @@ def load_fold_model(work: Path, fold: int, plans: Plans, trainer_name: str, devi
 def postprocessing_settings(plans: Plans, enabled: bool = True) -> PostprocessingSettings:
     p = plans.postprocessing
     settings = PostprocessingSettings(p.threshold, p.keep_largest_kidney_per_side, p.drop_unconnected_tumour,
-                                      p.low_resolution_mask, p.low_resolution_dilation_mm)
+                                      p.low_resolution_mask, p.low_resolution_dilation_mm,
+                                      p.low_resolution_mask_first)
     if not enabled:
-        settings = PostprocessingSettings(p.threshold, False, False, False, p.low_resolution_dilation_mm)
+        settings = PostprocessingSettings(p.threshold, False, False, False, p.low_resolution_dilation_mm,
+                                          p.low_resolution_mask_first)
     return settings
 
 
