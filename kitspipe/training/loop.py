@@ -177,7 +177,9 @@ def fit(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, state: Trainin
                     state.epochs_without_improvement = 0
             save_state(context, network, optimiser, state)
             _write_logs(context, state)
-            log.info("%s epoch %d: loss %.4f, %s%s", phase.name, row["epoch"], row["loss_total"],
+            # An epoch whose every step was skipped (non-finite loss) has no mean loss.
+            loss_text = "n/a" if row["loss_total"] is None else f"{row['loss_total']:.4f}"
+            log.info("%s epoch %d: loss %s, %s%s", phase.name, row["epoch"], loss_text,
                      ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), f" -> {reason}" if done else "")
             if done:
                 break
