@@ -31,7 +31,7 @@ from kitspipe.plans import load_plans
 from kitspipe.preprocessing import PREPROCESSED_DIR
 from kitspipe.trainers.registry import get_trainer, load_plugin
 from kitspipe.training.run import train_fold
-from kitspipe.training.splits import load_or_create_splits
+from kitspipe.training.splits import SPLITS_FILE, fold_cases, load_or_create_splits
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,8 @@ def run_cv(work: str | Path, trainer: str | None = None, jobs: int = 1, folds: l
     splits = load_or_create_splits(work, sorted(manifest["cases"]), plans.training.n_folds, plans.training.seed,
                                    plans.training.validation_fraction)
     folds = list(range(len(splits))) if folds is None else folds
+    for fold in folds:  # all checked before the first fold trains, not when a later one is reached
+        fold_cases(splits, fold, work / SPLITS_FILE)
     if jobs > 1:
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs) as pool:

@@ -238,8 +238,15 @@ def _discover_nnunet(root: Path, stage: str, problems: list[Problem]) -> list[Ca
             cases.append(CaseFiles(case_id, path, label if has_label else None))
     train_ids = {c.case_id for c in cases if c.label is not None}
     for path in _listdir(label_dir):
-        stem = _strip_nifti(path.name)
-        if stem is not None and stem not in train_ids and not path.name.startswith("."):
+        if path.name.startswith("."):
+            continue
+        # Any other file here is an error too: nnU-Net would read it as a label of some case.
+        if not path.name.endswith(file_ending):
+            problems.append(Problem(stage, "-", path, "file ending does not match dataset.json",
+                                    path.name, f"*{file_ending}"))
+            continue
+        stem = path.name[: -len(file_ending)]
+        if stem not in train_ids:
             problems.append(Problem(stage, stem, path, "label without a training image in imagesTr"))
     expected = meta.get("numTraining")
     found = sum(1 for c in cases if c.label is not None)

@@ -1,6 +1,6 @@
-"""Checklist 24 and 25: a bad split file, and a plan changed after preprocessing.
+"""Checklist 22, 24 and 25: a fold out of range, a bad split file, and a plan changed after preprocessing.
 
-Both are refused by ``train`` before any training step, with one error line per problem."""
+All are refused before any training step, with one error line per problem."""
 
 import hashlib
 import json
@@ -91,3 +91,22 @@ def test_item_25_training_settings_do_not_invalidate_preprocessing(tiny_work):
     _edit_plans(tiny_work, "training", "learning_rate", 0.5)
     assert load_plans(tiny_work / "plans.json").preprocessing_sha256() == before
     require_complete(manifest, "train", before)
+
+
+@pytest.mark.parametrize("fold", [2, -1])
+def test_item_22_fold_out_of_range_is_refused_before_training(tiny_work, fold):
+    # nnU-Net silently trains on a random 80:20 split here; kitspipe refuses.
+    expected = f"kitspipe: train: - {tiny_work / 'splits.json'}: fold out of range ({fold} vs 0..1)"
+    with pytest.raises(KitspipeError) as caught:
+        train_fold(tiny_work, fold, trainer="UNet3DTrainer", epochs=1, progress=False)
+    assert str(caught.value) == expected
+    assert not (tiny_work / f"fold_{fold}").exists()
+
+
+def test_item_22_cross_validation_checks_every_fold_before_the_first_trains(tiny_work):
+    from kitspipe.crossval import run_cv
+
+    with pytest.raises(KitspipeError) as caught:
+        run_cv(tiny_work, trainer="UNet3DTrainer", folds=[0, 2], epochs=1, progress=False)
+    assert str(caught.value) == f"kitspipe: train: - {tiny_work / 'splits.json'}: fold out of range (2 vs 0..1)"
+    assert not (tiny_work / "fold_0").exists(), "fold 0 trained before fold 2 was refused"
