@@ -14,13 +14,13 @@ every resolved path must stay inside the dataset root (no ``..``, no links leadi
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from kitspipe.errors import KitspipeError, Problem
+from kitspipe.json_input import JsonInputError, read_json
 from kitspipe.labels import KITS_LABELS
 
 # Matched with fullmatch: "$" alone would also accept a trailing newline, which a file name can hold.
@@ -177,23 +177,17 @@ def _load_dataset_json(root: Path, stage: str, problems: list[Problem]) -> dict:
         problems.append(Problem(stage, "-", path, "missing dataset.json"))
         return {}
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle, object_pairs_hook=_reject_duplicate_keys)
-    except (ValueError, OSError) as error:
-        problems.append(Problem(stage, "-", path, "unreadable JSON", str(error)[:120]))
+        data = read_json(path, what="dataset.json")
+    except OSError as error:
+        problems.append(Problem(stage, "-", path, "unreadable JSON", str(error.strerror)))
+        return {}
+    except JsonInputError as error:
+        problems.append(Problem(stage, "-", path, error.problem, error.observed[:120], error.expected))
         return {}
     if not isinstance(data, dict):
         problems.append(Problem(stage, "-", path, "dataset.json is not an object"))
         return {}
     return data
-
-
-def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
-    keys = [k for k, _ in pairs]
-    duplicated = sorted({k for k in keys if keys.count(k) > 1})
-    if duplicated:
-        raise ValueError(f"duplicate keys {duplicated}")
-    return dict(pairs)
 
 
 def _discover_nnunet(root: Path, stage: str, problems: list[Problem]) -> list[CaseFiles]:

@@ -11,7 +11,6 @@ Arrays are canonical (z, y, x), so every spacing and patch triple is in that ord
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Literal
 
 from kitspipe.atomic import atomic_write_json, canonical_json
 from kitspipe.errors import PlanError
+from kitspipe.json_input import JsonInputError, read_json
 from kitspipe.schema import from_dict, merge, to_dict
 
 SCHEMA_VERSION = 1
@@ -282,24 +282,12 @@ def load_plans(path: str | Path) -> Plans:
 
 
 def _read_json(path: Path) -> dict:
-    def reject_duplicates(pairs):
-        keys = [k for k, _ in pairs]
-        for key in keys:
-            if keys.count(key) > 1:
-                raise PlanError(f"{path}: duplicate key {key!r}")
-        return dict(pairs)
-
-    def reject_constant(name):
-        raise PlanError(f"{path}: {name} is not allowed in a plans file")
-
     try:
-        text = path.read_text(encoding="utf-8")
+        return read_json(path, what="a plans file")
     except OSError as error:
         raise PlanError(f"{path}: cannot read ({error.strerror})") from None
-    try:
-        return json.loads(text, object_pairs_hook=reject_duplicates, parse_constant=reject_constant)
-    except json.JSONDecodeError as error:
-        raise PlanError(f"{path}: invalid JSON ({error})") from None
+    except JsonInputError as error:
+        raise PlanError(f"{path}: {error}") from None
 
 
 def _load(path: Path, allow_unresolved: bool) -> Plans:

@@ -8,13 +8,13 @@ selection and early stopping; the fold's own held-out cases are used only for ev
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
 from kitspipe.atomic import atomic_write_json
 from kitspipe.errors import KitspipeError, Problem
+from kitspipe.json_input import JsonInputError, read_json
 
 SPLITS_FILE = "splits.json"
 
@@ -73,9 +73,9 @@ def load_or_create_splits(work: Path, case_ids: list[str], n_folds: int, seed: i
     path = Path(work) / SPLITS_FILE
     if path.is_file():
         try:
-            folds = json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as error:
-            raise KitspipeError(Problem("split", "-", path, "invalid JSON", str(error)[:80])) from None
+            folds = read_json(path, what="splits.json")
+        except JsonInputError as error:
+            raise KitspipeError(Problem("split", "-", path, error.problem, error.observed[:80], error.expected)) from None
     else:
         folds = make_splits(case_ids, n_folds, seed, validation_fraction)
         atomic_write_json(path, folds)
