@@ -22,8 +22,14 @@ TEMP_PREFIX = ".tmp-"
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | Path, mode: int = 0o644) -> Iterator[BinaryIO]:
-    """Open a temporary binary file that replaces ``path`` only if the block succeeds."""
+def atomic_open(path: str | Path, mode: int = 0o644, size: int | None = None) -> Iterator[BinaryIO]:
+    """Open a temporary binary file that replaces ``path`` only if the block succeeds.
+
+    Args:
+        path: the final name.
+        mode: permission bits of the final file.
+        size: the bytes the block will write, when known: a disk-full error then names them.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
@@ -39,16 +45,31 @@ def atomic_open(path: str | Path, mode: int = 0o644) -> Iterator[BinaryIO]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            from kitspipe.errors import KitspipeError, Problem
-
-            raise KitspipeError(Problem("write", "-", path, "disk full; the previous file is untouched",
-                                        "no space left", "free space on the device")) from None
+            raise disk_full_error(path, size) from None
         raise
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
     _fsync_directory(path.parent)
+
+
+def disk_full_error(path: Path, size: int | None, upper_bound: bool = False) -> Exception:
+    """The one-line error for a full disk, with the bytes needed and free where known, so the
+    user can tell a nearly full disk from a quota far too small.
+
+    Args:
+        path: the file that could not be written.
+        size: its size in bytes, if known.
+        upper_bound: ``size`` is an upper bound (e.g. before compression).
+    """
+    from kitspipe.errors import KitspipeError, Problem
+    from kitspipe.preflight import format_bytes, free_bytes
+
+    free = free_bytes(path.parent)
+    needs = "no space left" if size is None else f"needs {'up to ' if upper_bound else ''}{format_bytes(size)}"
+    return KitspipeError(Problem("write", "-", path, "disk full; the previous file is untouched", needs,
+                                 "free space on the device" if free is None else f"{format_bytes(free)} free"))
 
 
 def _fsync_directory(folder: Path) -> None:
@@ -61,7 +82,7 @@ def _fsync_directory(folder: Path) -> None:
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_open(path) as handle:
+    with atomic_open(path, size=len(data)) as handle:
         handle.write(data)
 
 
