@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from kitspipe import __version__
 from kitspipe.devices import autocast_dtype, channels_last_active, describe, maybe_compile, set_memory_format
 from kitspipe.errors import KitspipeError, Problem
 from kitspipe.locking import work_lock
@@ -27,6 +26,7 @@ from kitspipe.plans import Plans, load_plans
 from kitspipe.preprocessing import PREPROCESSED_DIR
 from kitspipe.trainers.registry import get_trainer, load_plugin
 from kitspipe.training.checkpoint import load_tensors, read_metadata
+from kitspipe.training.identity import determinism, refuse_changed_run, resume_identity
 from kitspipe.training.loop import RunContext, fit
 from kitspipe.training.splits import fold_cases, load_or_create_splits
 from kitspipe.training.state import TrainingState, seed_everything, set_rng_state
@@ -75,14 +75,6 @@ def _apply_overrides(plans: Plans, trainer: str | None, epochs: int | None, max_
     return plans.with_training(**changes) if changes else plans
 
 
-def _resume_identity(plans: Plans, preprocessed_sha: str) -> dict:
-    """What must not change under a resumed run: the plan except its run-length settings and how
-    the network runs (precision, compile, memory format), which a resumed run may change."""
-    stable = plans.with_training(max_epochs=1, max_minutes=None, mixed_precision="off", compile=False,
-                                 channels_last=False)
-    return {"plans_sha256": stable.sha256(), "preprocessing_sha256": preprocessed_sha}
-
-
 def train_fold(work: str | Path, fold: int, trainer: str | None = None, resume: bool | str = False,
                epochs: int | None = None, max_minutes: float | None = None, device: str | None = None,
                force: bool = False, plugins: tuple[str, ...] = (), progress: bool = True,
@@ -108,7 +100,7 @@ def train_fold(work: str | Path, fold: int, trainer: str | None = None, resume: 
     trainer_cls = get_trainer(plans.training.trainer)
     folder = fold_folder(work, fold, trainer_cls.__name__)
     rank, world = _distributed()
-    identity = _resume_identity(plans, manifest["config_sha256"])
+    identity = resume_identity(plans, manifest["config_sha256"])
     with work_lock(folder, f"train fold {fold}") if rank == 0 else _nullcontext():
         return _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resume, force, device,
                              rank, world, progress)
@@ -136,10 +128,7 @@ def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resum
                 return folder
             raise KitspipeError(Problem("train", "-", folder, "a run exists here; pass --resume to continue it "
                                         "or --force to start over"))
-        if {k: metadata.get(k) for k in identity} != identity:
-            raise KitspipeError(Problem("train", "-", folder, "plan or preprocessed data changed since this run "
-                                        "started; --force starts over", str(metadata.get("plans_sha256"))[:12],
-                                        identity["plans_sha256"][:12]))
+        refuse_changed_run(metadata, identity, folder)
         state = TrainingState.from_json(metadata["state"])
         if state.finished and not _more_epochs_allowed(state, plans):
             log.info("fold %d already complete (checkpoint_latest sha256=%s): %s", fold,
@@ -174,10 +163,15 @@ def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resum
     log.info("training fold %d on %s", fold, describe(
         target, autocast_dtype(plans.training.mixed_precision, target),
         channels_last=channels_last_active(plans.training.channels_last, target), compile=plans.training.compile))
+    reproducible = determinism(target, world)
+    if reproducible["bitwise"]:
+        log.info("training fold %d is deterministic: a rerun gives the same weights bit for bit", fold)
+    else:
+        log.warning("training fold %d is not deterministic: %s", fold, "; ".join(reproducible["reasons"]))
     preprocessed = work / PREPROCESSED_DIR
     context = RunContext(
         folder=folder, plans=plans, device=target,
-        metadata={"trainer": trainer_cls.__name__, "fold": fold, "kitspipe_version": __version__, **identity},
+        metadata={"trainer": trainer_cls.__name__, "fold": fold, **identity, "determinism": reproducible},
         deadline=(time.monotonic() + 60 * plans.training.max_minutes) if plans.training.max_minutes else None,
         make_batches=_batch_factory(open_cases(preprocessed, split["train"]), plans, rank, world),
         validation_cases=open_cases(preprocessed, split["validation"]), rank=rank, progress=progress)
