@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from kitspipe.atomic import remove_stale_temporaries
 from kitspipe.devices import autocast_dtype, channels_last_active, describe, maybe_compile, set_memory_format
 from kitspipe.errors import KitspipeError, Problem
 from kitspipe.locking import work_lock
@@ -25,7 +26,7 @@ from kitspipe.manifest import require_complete
 from kitspipe.plans import Plans, load_plans
 from kitspipe.preprocessing import PREPROCESSED_DIR
 from kitspipe.trainers.registry import get_trainer, load_plugin
-from kitspipe.training.checkpoint import load_tensors, read_metadata
+from kitspipe.training.checkpoint import load_tensors, read_resumable
 from kitspipe.training.identity import determinism, refuse_changed_run, resume_identity
 from kitspipe.training.loop import RunContext, fit
 from kitspipe.training.splits import fold_cases, load_or_create_splits
@@ -118,7 +119,11 @@ def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resum
                   progress) -> Path:
     from kitspipe.data.cases import open_cases
 
-    metadata = read_metadata(folder, "latest")
+    if rank == 0:
+        for stale in remove_stale_temporaries(folder):  # a write killed before its rename
+            log.warning("removed the remains of an interrupted write: %s", stale)
+    found = read_resumable(folder, "latest")
+    metadata, weights = found if found is not None else (None, None)
     state = TrainingState()
     tensors = None
     if metadata is not None and not force:
@@ -137,7 +142,7 @@ def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resum
         if state.finished:
             state.phase_index -= 1  # back into the last phase, which a larger --epochs extends
         state.finished = False
-        tensors = load_tensors(folder / "checkpoint_latest.pt")
+        tensors = load_tensors(weights)
     elif resume is True and not force:
         raise KitspipeError(Problem("train", "-", folder, "nothing to resume (no valid checkpoint_latest)"))
     folder.mkdir(parents=True, exist_ok=True)

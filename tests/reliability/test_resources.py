@@ -58,7 +58,8 @@ def test_item_36_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, 
     monkeypatch.undo()
     assert read_metadata(tmp_path, "latest")["epoch"] == 1
     assert torch.equal(load_tensors(tmp_path / "checkpoint_latest.pt")["w"], torch.zeros(4))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_latest.json", "checkpoint_latest.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_latest.json", "checkpoint_latest.previous.json",
+                                                          "checkpoint_latest.previous.pt", "checkpoint_latest.pt"]
 
 
 def test_item_36_disk_full_during_a_nifti_export_is_a_kitspipe_error(tmp_path, monkeypatch):
