@@ -1,5 +1,6 @@
-"""Checklist 46: the order a filesystem lists a folder in changes nothing, and adding unlabelled
-(test) cases does not change the fingerprint, the preprocessed cases or the training splits."""
+"""Checklist 45 and 46: the number of workers and the order a filesystem lists a folder in change
+nothing, and adding unlabelled (test) cases does not change the fingerprint, the preprocessed
+cases or the training splits."""
 
 from __future__ import annotations
 
@@ -59,11 +60,23 @@ def _pipeline(data: Path, work: Path) -> dict:
                        for p in sorted((work / "preprocessed").rglob("*.npy"))}}
 
 
-def test_item_46_listing_order_and_unlabelled_cases_change_nothing(tmp_path, monkeypatch):
-    data = tmp_path / "data"
+def _small_dataset(data: Path) -> None:
     for index, spacing in enumerate(SPACINGS):
         image, label = phantom_arrays(shape_zyx=(12, 20, 24), spacing_zyx=spacing, seed=index)
         write_kits_case(data, f"case_{index:05d}", image, label, spacing)
+
+
+def test_item_45_fingerprint_identical_with_two_workers(tmp_path):
+    data = tmp_path / "data"
+    _small_dataset(data)
+    serial = run_fingerprint(data, tmp_path / "serial", jobs=1, progress=False).read_bytes()
+    pooled = run_fingerprint(data, tmp_path / "pooled", jobs=2, progress=False).read_bytes()
+    assert pooled == serial
+
+
+def test_item_46_listing_order_and_unlabelled_cases_change_nothing(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    _small_dataset(data)
     reference = _pipeline(data, tmp_path / "work_a")
 
     _scramble_listings(monkeypatch)
