@@ -21,6 +21,7 @@ from pathlib import Path
 
 from kitspipe.errors import KitspipeError, Problem
 from kitspipe.json_input import JsonInputError, read_json
+from kitspipe.label_map import labels_by_value
 from kitspipe.labels import KITS_LABELS
 
 # Matched with fullmatch: "$" alone would also accept a trailing newline, which a file name can hold.
@@ -47,6 +48,7 @@ class Dataset:
     root: Path
     layout: str
     cases: tuple[CaseFiles, ...]
+    label_map: dict[int, str] | None = None  # value -> name, as dataset.json declares it
 
     @property
     def labelled(self) -> tuple[CaseFiles, ...]:
@@ -81,10 +83,11 @@ def discover(root: str | Path, stage: str = "discover", require_labels: bool = F
         raise KitspipeError(Problem(stage, "-", root, "dataset folder does not exist"))
     layout = detect_layout(root)
     problems: list[Problem] = []
+    label_map = None
     if layout == "kits":
         cases = _discover_kits(root, stage, problems)
     elif layout == "nnunet":
-        cases = _discover_nnunet(root, stage, problems)
+        cases, label_map = _discover_nnunet(root, stage, problems)
     else:
         cases = _discover_folder(root, stage, problems)
     _check_collisions(cases, root, stage, problems)
@@ -99,7 +102,8 @@ def discover(root: str | Path, stage: str = "discover", require_labels: bool = F
         raise KitspipeError(problems)
     if not cases:
         raise KitspipeError(Problem(stage, "-", root, "no cases found"))
-    return Dataset(root=root, layout=layout, cases=tuple(sorted(cases, key=lambda c: c.case_id)))
+    return Dataset(root=root, layout=layout, cases=tuple(sorted(cases, key=lambda c: c.case_id)),
+                   label_map=label_map)
 
 
 def _listdir(folder: Path) -> list[Path]:
@@ -190,19 +194,19 @@ def _load_dataset_json(root: Path, stage: str, problems: list[Problem]) -> dict:
     return data
 
 
-def _discover_nnunet(root: Path, stage: str, problems: list[Problem]) -> list[CaseFiles]:
+def _discover_nnunet(root: Path, stage: str,
+                     problems: list[Problem]) -> tuple[list[CaseFiles], dict[int, str] | None]:
     meta = _load_dataset_json(root, stage, problems)
     file_ending = meta.get("file_ending", ".nii.gz")
     if file_ending not in NIFTI_SUFFIXES:
         problems.append(Problem(stage, "-", root / "dataset.json", "unsupported file_ending", str(file_ending), ".nii.gz"))
-        return []
+        return [], None
     channels = meta.get("channel_names", meta.get("modality", {"0": "CT"}))
     if isinstance(channels, dict) and len(channels) != 1:
         problems.append(Problem(stage, "-", root / "dataset.json", "kitspipe expects one CT channel",
                                 f"{len(channels)} channels", "1"))
     labels = meta.get("labels")
-    if labels is not None:
-        _check_label_map(labels, root / "dataset.json", stage, problems)
+    label_map = None if labels is None else _check_label_map(labels, root / "dataset.json", stage, problems)
     cases = []
     label_dir = root / "labelsTr"
     for split, image_dir in (("train", root / "imagesTr"), ("test", root / "imagesTs")):
@@ -247,23 +251,20 @@ def _discover_nnunet(root: Path, stage: str, problems: list[Problem]) -> list[Ca
     if isinstance(expected, int) and expected != found:
         problems.append(Problem(stage, "-", root / "dataset.json", "numTraining does not match the cases found",
                                 str(found), str(expected)))
-    return cases
+    return cases, label_map
 
 
-def _check_label_map(labels: object, path: Path, stage: str, problems: list[Problem]) -> None:
-    """The label map must agree with KiTS19's, since every stage assumes 1 = kidney, 2 = tumour."""
+def _check_label_map(labels: object, path: Path, stage: str, problems: list[Problem]) -> dict[int, str] | None:
+    """The label map must agree with KiTS19's, since every stage assumes 1 = kidney, 2 = tumour;
+    returns it by value for the later cross-check against the label histogram."""
     if not isinstance(labels, dict):
         problems.append(Problem(stage, "-", path, "labels must be an object"))
-        return
-    # nnU-Net v1 maps value -> name, v2 name -> value; accept both.
+        return None
     try:
-        if all(str(k).isdigit() for k in labels):
-            by_value = {int(k): str(v).lower() for k, v in labels.items()}
-        else:
-            by_value = {int(v): str(k).lower() for k, v in labels.items()}
+        by_value = labels_by_value(labels)
     except (TypeError, ValueError):
         problems.append(Problem(stage, "-", path, "label values must be integers", str(labels)))
-        return
+        return None
     values = sorted(by_value)
     if values != list(range(len(values))):
         problems.append(Problem(stage, "-", path, "label values are not consecutive", str(values), "0, 1, 2"))
@@ -274,6 +275,7 @@ def _check_label_map(labels: object, path: Path, stage: str, problems: list[Prob
     extra = [v for v in values if v not in KITS_LABELS]
     if extra:
         problems.append(Problem(stage, "-", path, "labels beyond background/kidney/tumour", str(extra), "0, 1, 2"))
+    return by_value
 
 
 def _discover_folder(root: Path, stage: str, problems: list[Problem]) -> list[CaseFiles]:

@@ -28,6 +28,7 @@ from kitspipe.dataset import CaseFiles, Dataset
 from kitspipe.errors import KitspipeError, Problem
 from kitspipe.geometry import Geometry, reorientation_for
 from kitspipe.imageio import read_image
+from kitspipe.label_map import cross_check_label_map
 from kitspipe.labels import ALLOWED_LABELS, KIDNEY, TUMOUR
 from kitspipe.nifti_header import (
     NiftiHeader,
@@ -166,6 +167,7 @@ def check_dataset(dataset: Dataset, stage: str = "check", require_labels: bool =
         if progress:
             status = "ok" if report.ok else "FAILED"
             print(f"{stage} {index}/{len(cases)} {report.case_id}: {status}", file=sys.stderr, flush=True)
+    problems.extend(cross_check_label_map(dataset, reports, stage))  # needs every case's histogram
     return CheckReport(problems=[p for p in problems if p.severity == "error"],
                        warnings=[p for p in problems if p.severity != "error"], cases=reports)
 
