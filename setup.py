@@ -14,7 +14,7 @@ setup(
     install_requires=[
         # torch is pinned by the Makefile (TORCH=...) so the CPU build is chosen by default;
         # a plain requirement here would let pip pull a multi-GB CUDA build.
-        "torch>=2.1",
+        "torch>=2.4",  # torch.is_autocast_enabled(device_type)
         "batchgenerators>=0.25",
         "SimpleITK>=2.3",
         "nibabel>=5.0",

@@ -25,7 +25,7 @@ tiler re-run on the whole grid with the tile sizes and stride the crop run used;
 costs the same), ``fast`` mode as the whole case's FLOPs (its tile plan from kitspipe's
 tiler) at the GFLOP/s measured on the crop. With ``--device cuda`` both
 modes run on the whole case unless ``--crop`` says otherwise (``--quick`` on CUDA: ``paper`` mode
-on a 100 mm crop, 125 tiles, ``fast`` mode on the whole case).
+on a 100 mm crop, 343 tiles, ``fast`` mode on the whole case).
 
 ``--amp`` runs the network under bf16 autocast through ``predict_volume(mixed_precision="bf16")``,
 as ``inference.mixed_precision`` does. A plain ``conv3d`` 32→32 on a 108³ input is measured on

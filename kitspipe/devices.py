@@ -28,9 +28,12 @@ MIXED_PRECISION_CHOICES: tuple[str, ...] = typing.get_args(MixedPrecision)
 def autocast_dtype(setting: str, device: torch.device | str) -> torch.dtype | None:
     """The autocast dtype a plan's ``mixed_precision`` asks for on ``device``; None means float32.
 
-    ``auto`` is bf16 on a CUDA device that supports it (Ampere and later) and off elsewhere:
-    on a CPU bf16 is fast only with AVX512_BF16/AMX, and the CPU preset's results must stay
-    bit-for-bit deterministic. ``bf16`` is bf16 on any device (CPU autocast supports it).
+    ``auto`` is bf16 where the hardware runs bf16 natively: a CUDA device that supports it
+    (Ampere and later), or a CPU with AVX512_BF16/AMX as oneDNN reports it (1.8-2.2x faster
+    training steps on such a CPU, docs/performance.md). Elsewhere, e.g. an AVX2 laptop, bf16
+    convolutions fall back to slow emulation, so ``auto`` stays float32 there. ``bf16`` is bf16
+    on any device (CPU autocast supports it everywhere); ``off`` is float32, for runs that must
+    match float32 results.
     """
     if setting not in MIXED_PRECISION_CHOICES:
         raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISION_CHOICES)}, got {setting!r}")
@@ -41,7 +44,17 @@ def autocast_dtype(setting: str, device: torch.device | str) -> torch.dtype | No
         return torch.bfloat16
     if device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return torch.bfloat16
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return torch.bfloat16
     return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether oneDNN runs bf16 convolutions natively on this CPU (AVX512_BF16 or AMX)."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN, or without this query
+        return False
 
 
 def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:

@@ -6,8 +6,12 @@ names neither the cause nor the fix. Both are cheap to predict: the space a stag
 follows from the NIfTI headers and the plan, the shared memory a loader uses from the batch
 size and the number of batches in flight.
 
-Estimates are upper bounds (no body crop, no compression), so a refusal can be trusted,
-and the message names both numbers so the user can judge a close call.
+A refusal must be trustworthy, so a stage refuses only when a *lower* bound of what it writes
+exceeds the free space. For preprocessing (uncompressed ``.npy``) the estimate from the headers
+is tight. Inference writes gzip-compressed NIfTI and ``.npz``, whose size the headers cannot
+predict: deflate compresses at most about 1032:1, which gives the lower bound that refuses,
+while the uncompressed size (typically 50-200x what a label map compresses to) only warns.
+The messages name both numbers so the user can judge a close call.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ SHARED_MEMORY = Path("/dev/shm")
 PER_CASE_OVERHEAD_BYTES = 256 * 1024
 # A NIfTI-1 header plus its extension flag.
 NIFTI_HEADER_BYTES = 352
+# deflate emits at least one bit per 258-byte match, about 1032:1 at best.
+DEFLATE_MAX_RATIO = 1032
 
 
 def format_bytes(n_bytes: float) -> str:
@@ -98,21 +104,32 @@ def preprocess_bytes_needed(images: dict[str, Path], high_spacing_mm: Iterable[f
 
 
 def export_bytes_needed(images: dict[str, Path], files_per_case: int = 1, probabilities: bool = False,
-                        stage: str = "infer") -> int:
-    """Bytes the infer stage writes for these cases: uint8 labels on each input's own grid.
+                        stage: str = "infer") -> tuple[int, int]:
+    """(Lower, upper) bound of the bytes the infer stage writes: uint8 labels on each input's grid.
+
+    The upper bound is the uncompressed size; the lower bound divides it by deflate's best
+    ratio, since the outputs are gzip-compressed (see the module docstring).
 
     Args:
         images: case id -> input image.
         files_per_case: label files written per case (2 when unprocessed labels are kept too).
         probabilities: also counts the float16 probability arrays (up to 3 channels).
     """
-    total = 0
+    lower = upper = 0
     for case_id, image in images.items():
         voxels = read_nifti_header(image, stage, case_id).voxels
-        total += files_per_case * (voxels + NIFTI_HEADER_BYTES)
-        if probabilities:
-            total += 3 * 2 * voxels
-    return total
+        payload = files_per_case * voxels + (3 * 2 * voxels if probabilities else 0)
+        upper += payload + files_per_case * NIFTI_HEADER_BYTES
+        lower += math.ceil(payload / DEFLATE_MAX_RATIO) + files_per_case * NIFTI_HEADER_BYTES
+    return lower, upper
+
+
+def warn_if_disk_may_not_suffice(stage: str, folder: Path, upper_bytes: int) -> None:
+    """Log a warning when the uncompressed size of a stage's output exceeds the free space."""
+    free = free_bytes(folder)
+    if free is not None and upper_bytes > free:
+        log.warning("%s: %s has %s free; the outputs need up to %s uncompressed (usually far less)",
+                    stage, folder, format_bytes(free), format_bytes(upper_bytes))
 
 
 def require_shared_memory(stage: str, needed_bytes: int, folder: Path = SHARED_MEMORY) -> None:

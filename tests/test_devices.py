@@ -25,7 +25,7 @@ from tests.test_inference import _plans, _randomised
 def test_autocast_dtype_follows_the_setting_and_the_device():
     assert autocast_dtype("off", "cpu") is None
     assert autocast_dtype("bf16", "cpu") is torch.bfloat16
-    assert autocast_dtype("auto", "cpu") is None  # auto is bf16 on CUDA only: CPU results stay deterministic
+    assert autocast_dtype("auto", "meta") is None  # neither CUDA nor CPU: no bf16 claim to rely on
     with pytest.raises(ValueError, match="mixed_precision"):
         autocast_dtype("fp16", "cpu")
 
@@ -44,12 +44,23 @@ def test_invalid_gpu_settings_name_the_field(section, key, value, message):
 
 
 def test_presets_choose_precision_for_their_hardware():
-    # paper: bf16 wherever a GPU supports it; cpu: bf16 training (2.2x faster steps on an AVX512-BF16
-    # CPU, docs/performance.md) but float32 inference, so fast and paper tiling stay comparable.
+    # Both train in bf16 where the hardware runs it natively; the cpu preset infers in float32 so
+    # that fast and paper tiling stay comparable.
     paper, cpu = load_preset("paper"), load_preset("cpu")
     assert (paper.training.mixed_precision, paper.inference.mixed_precision) == ("auto", "auto")
-    assert (cpu.training.mixed_precision, cpu.inference.mixed_precision) == ("bf16", "off")
+    assert (cpu.training.mixed_precision, cpu.inference.mixed_precision) == ("auto", "off")
     assert not (paper.training.compile or paper.training.channels_last)
+
+
+def test_auto_precision_follows_native_bf16_support_on_the_cpu(monkeypatch):
+    import kitspipe.devices as devices
+
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: True)
+    assert devices.autocast_dtype("auto", "cpu") is torch.bfloat16
+    monkeypatch.setattr(devices, "cpu_has_native_bf16", lambda: False)
+    assert devices.autocast_dtype("auto", "cpu") is None
+    assert devices.autocast_dtype("bf16", "cpu") is torch.bfloat16
+    assert devices.autocast_dtype("off", "cpu") is None
 
 
 def test_compiled_and_data_parallel_networks_save_plain_keys(tmp_path):
@@ -141,6 +152,19 @@ def test_tile_budget_from_free_memory():
         tile_voxels_for_memory(2**30, 32, 32, 4, 0)
     plans = load_preset("paper")
     assert fast_tile_voxels(plans, torch.device("cpu"), 32, 32) == plans.inference.max_tile_voxels
+
+
+def test_cuda_tile_budget_counts_pytorchs_cache_as_free(monkeypatch):
+    # The CUDA branch on a CPU build: the driver reports 4 GiB free, PyTorch holds 6 GiB of which
+    # 1 GiB is in use, so 9 GiB are really available to the next tile.
+    plans = load_preset("paper")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (4 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 6 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * 2**30)
+    budget = fast_tile_voxels(plans, torch.device("cuda"), 32, 32)
+    cap = plans.inference.max_tile_voxels
+    assert budget == tile_voxels_for_memory(9 * 2**30, 32, 32, 4, cap)
+    assert budget > tile_voxels_for_memory(4 * 2**30, 32, 32, 4, cap)
 
 
 def test_bf16_training_runs_and_a_resume_may_change_the_precision(tiny_work, tmp_path):

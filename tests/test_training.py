@@ -101,11 +101,14 @@ def test_malicious_checkpoint_is_refused(tmp_path):
     assert not sentinel.exists()
 
 
-def test_ddp_two_process_gloo_trains_one_epoch(tiny_work):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+@pytest.mark.parametrize("trainer, port", [("UNet3DTrainer", 29517), ("DualResolutionTrainer", 29518)])
+def test_ddp_two_process_gloo_trains_one_epoch(tiny_work, trainer, port):
+    # The dual trainer's low-resolution pre-training runs through the DDP wrapper's forward too
+    # (DualResolutionUNet.forward(low_only=True)); calling the inner module would skip the sync.
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                "-m", "kitspipe", "-q", "--no-progress", "train", str(tiny_work), "--fold", "0",
-               "--trainer", "UNet3DTrainer", "--epochs", "1", "--device", "cpu"]
+               "--trainer", trainer, "--epochs", "1", "--device", "cpu"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    folder = tiny_work / "fold_0" / "UNet3DTrainer"
+    folder = tiny_work / "fold_0" / trainer
     assert json.loads((folder / "checkpoint_latest.json").read_text())["state"]["finished"]

@@ -107,12 +107,20 @@ class WatchedLoader:
             except StopIteration:
                 return
             except RuntimeError as error:
-                problem = self._problem(str(error))
-                if problem is None:
+                failure = self.worker_failure(error, iterator)
+                if failure is None:
                     raise
-                _stop_workers(iterator)
-                raise KitspipeError(problem) from None
+                raise failure from None
             yield batch
+
+    def worker_failure(self, error: RuntimeError, iterator: object = None) -> KitspipeError | None:
+        """The one-line error for a hung or dead worker (stopping the workers), else None."""
+        problem = self._problem(str(error))
+        if problem is None:
+            return None
+        if iterator is not None:
+            _stop_workers(iterator)
+        return KitspipeError(problem)
 
     def _problem(self, message: str) -> Problem | None:
         workers = f"{self.loader.num_workers} workers"
@@ -144,7 +152,8 @@ def _stop_workers(iterator: object) -> None:
 
 
 def make_loader(sampler: PatchSampler, plans: Plans, epoch: int, steps: int, num_workers: int, seed: int,
-                start_step: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S, stage: str = "train") -> WatchedLoader:
+                start_step: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S, stage: str = "train",
+                check_shared_memory: bool = True) -> WatchedLoader:
     """The batches of steps ``start_step .. steps − 1`` of one epoch.
 
     Each batch is a dict of float32 tensors: ``high_image`` (B, 1, P_h³), ``low_image``
@@ -161,6 +170,7 @@ def make_loader(sampler: PatchSampler, plans: Plans, epoch: int, steps: int, num
         start_step: first step to produce, to resume inside an epoch.
         timeout_s: seconds to wait for a batch from a worker before the stage stops with an error.
         stage: the stage named in error lines.
+        check_shared_memory: check that /dev/shm holds the workers' batches (see ``preflight``).
 
     Raises:
         KitspipeError: /dev/shm too small for the workers (checked here, before any is started);
@@ -170,7 +180,7 @@ def make_loader(sampler: PatchSampler, plans: Plans, epoch: int, steps: int, num
         raise ValueError(f"start_step must be within [0, {steps}], got {start_step}")
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
-    if num_workers > 0:
+    if num_workers > 0 and check_shared_memory:
         require_shared_memory(stage, shared_memory_bytes(plans, num_workers))
     batch_size = plans.training.batch_size
     dataset = PatchPairDataset(sampler, seed, epoch, start_step * batch_size, (steps - start_step) * batch_size)

@@ -102,7 +102,10 @@ def fast_tile_voxels(plans: Plans, device: torch.device, base_filters: int, bran
     if device.type != "cuda":
         return cap
     free_bytes, _ = torch.cuda.mem_get_info(device)
-    element_bytes = 2 if torch.is_autocast_enabled("cuda") else 4
+    # The driver counts PyTorch's cache (e.g. the 4 mm pass's freed tensors) as used, but the
+    # next tile reuses it; without this the budget would shrink with every case and fold.
+    free_bytes += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    element_bytes = 2 if torch.is_autocast_enabled("cuda") else 4  # called inside predict_volume's autocast
     voxels = tile_voxels_for_memory(free_bytes, base_filters, branch_channels, element_bytes, cap)
     log.debug("fast tiles: %.1f GiB free on %s -> at most %d voxels per tile", free_bytes / 2**30, device, voxels)
     return voxels

@@ -29,7 +29,7 @@ from kitspipe.locking import work_lock
 from kitspipe.manifest import MANIFEST_FILE, StageManifest
 from kitspipe.plans import Plans, load_plans
 from kitspipe.postprocessing import PostprocessingSettings
-from kitspipe.preflight import export_bytes_needed, require_free_disk
+from kitspipe.preflight import export_bytes_needed, require_free_disk, warn_if_disk_may_not_suffice
 from kitspipe.preprocessing import prepare_case
 from kitspipe.progress import progress_bar
 from kitspipe.trainers.registry import get_trainer, load_plugin
@@ -66,7 +66,7 @@ def postprocessing_settings(plans: Plans, enabled: bool = True) -> Postprocessin
 
 
 def predict_case(models: list[torch.nn.Module], image, plans: Plans, mode: str, device: torch.device,
-                 progress: bool = False) -> tuple[np.ndarray, np.ndarray | None, object]:
+                 progress: bool = False, case_id: str = "-") -> tuple[np.ndarray, np.ndarray | None, object]:
     """Fold-averaged probabilities of one case on its canonical source grid."""
     prepared = prepare_case(image, None, plans)
     high = normalise(prepared.high_image, plans)
@@ -74,7 +74,8 @@ def predict_case(models: list[torch.nn.Module], image, plans: Plans, mode: str, 
     regions_sum, low_sum = None, None
     for network in models:
         prediction = predict_with_fallback(lambda tile_mode, tile_plans: predict_volume(
-            network, high, low, tile_plans, mode=tile_mode, device=device, progress=progress), plans, mode)
+            network, high, low, tile_plans, mode=tile_mode, device=device, progress=progress), plans, mode,
+            case=case_id, high_shape=high.shape)
         regions_sum = prediction.regions if regions_sum is None else regions_sum + prediction.regions
         if prediction.low_on_high is not None:
             low_sum = prediction.low_on_high if low_sum is None else low_sum + prediction.low_on_high
@@ -132,15 +133,17 @@ def run_inference(work: str | Path, input_dir: str | Path, output_dir: str | Pat
         manifest.extra = {"trainer": trainer_name, "folds": folds, "mode": mode}
         # Cases already done are skipped below; their outputs are on the disk already.
         pending = {c.case_id: c.image for c in cases if manifest.cases.get(c.case_id, {}).get("status") != "done"}
-        require_free_disk("infer", output_dir, export_bytes_needed(
-            pending, files_per_case=1 + (unprocessed_dir is not None), probabilities=save_probabilities))
+        lower, upper = export_bytes_needed(pending, files_per_case=1 + (unprocessed_dir is not None),
+                                           probabilities=save_probabilities)
+        require_free_disk("infer", output_dir, lower)
+        warn_if_disk_may_not_suffice("infer", output_dir, upper)
         with manifest.marking_interrupts():
             for case in progress_bar(cases, desc="infer", enabled=progress):
                 inputs = {"image": file_sha256(case.image)}
                 if manifest.is_current(case.case_id, inputs):
                     continue
                 image = read_volume(case.image, dtype=np.float32, stage="infer", case=case.case_id)
-                regions, low, _ = predict_case(models, image, plans, mode, target)
+                regions, low, _ = predict_case(models, image, plans, mode, target, case_id=case.case_id)
                 labels = labels_from_probabilities(regions, low, image.grid.spacing, settings)
                 written = [output_dir / f"{case.case_id}.nii.gz"]
                 write_prediction(labels, image, written[0])

@@ -21,6 +21,8 @@ All outputs are logits; apply ``torch.sigmoid`` for probabilities.
 
 from __future__ import annotations
 
+import contextlib
+
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -257,17 +259,28 @@ class DualResolutionUNet(nn.Module):
             tumour_logit = self.head(out.bottleneck, tumour_probability)
         return HighOutput(out.logits, tumour_logit)
 
-    def forward(self, high_image: torch.Tensor, low_image: torch.Tensor) -> DualOutput:
+    def forward(self, high_image: torch.Tensor | None, low_image: torch.Tensor, low_only: bool = False,
+                frozen_low: bool = False) -> DualOutput | torch.Tensor:
         """Run both networks on a pair of patches that share their centre.
 
+        The trainers' variants (low-resolution pre-training, the two-stage cascade) are options
+        here rather than calls of ``low_forward`` / ``high_forward`` from outside, because
+        DistributedDataParallel synchronises the gradients of what ran through its forward.
+
         Args:
-            high_image: ``(B, C, *high_in)`` 1 mm patch, e.g. 108³.
+            high_image: ``(B, C, *high_in)`` 1 mm patch, e.g. 108³; unused with ``low_only``.
             low_image: ``(B, C, *low_in)`` 4 mm patch, e.g. 108³.
+            low_only: return only the 4 mm logits (pre-training the low-resolution net).
+            frozen_low: compute the 4 mm branch without gradient (a fixed first stage).
 
         Returns:
-            :class:`DualOutput`; with the paper's sizes low and high logits are 20³.
+            :class:`DualOutput`; with the paper's sizes low and high logits are 20³. With
+            ``low_only`` the ``(B, 1, *low_out)`` logits alone.
         """
-        low_logits = self.low_forward(low_image)
+        if low_only:
+            return self.low_forward(low_image)
+        with torch.no_grad() if frozen_low else contextlib.nullcontext():
+            low_logits = self.low_forward(low_image)
         mask = self.mask_from_low(torch.sigmoid(low_logits), high_image.shape[2:])
         high = self.high_forward(high_image, mask)
         return DualOutput(low_logits, high.logits, high.tumour_logit, mask)

@@ -8,7 +8,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from kitspipe.losses import DualOutput, DualResolutionLoss, DualTargets, LossTerms, SegmentationLoss
+from kitspipe.devices import unwrap
+from kitspipe.losses import DualResolutionLoss, DualTargets, LossTerms, SegmentationLoss
 from kitspipe.networks.dual_resolution import DualResolutionUNet
 from kitspipe.networks.unet3d import UNet3D
 from kitspipe.trainers.base import Phase, Trainer
@@ -56,7 +57,7 @@ class DualResolutionTrainer(Trainer):
         return phases
 
     def frozen_low_blocks(self, network: DualResolutionUNet) -> list[nn.Module]:
-        blocks = network.low.blocks()
+        blocks = unwrap(network).low.blocks()
         keep = self.plans.training.trainable_low_blocks
         return blocks[: max(0, len(blocks) - keep)]
 
@@ -64,7 +65,7 @@ class DualResolutionTrainer(Trainer):
         for parameter in network.parameters():
             parameter.requires_grad_(True)
         if phase.name == "low":
-            return list(network.low.parameters())
+            return list(unwrap(network).low.parameters())
         if self.plans.training.low_resolution_pretraining:
             for block in self.frozen_low_blocks(network):
                 for parameter in block.parameters():
@@ -73,15 +74,14 @@ class DualResolutionTrainer(Trainer):
 
     def set_train_mode(self, network: nn.Module, phase: Phase) -> None:
         network.train()
-        core = network.module if hasattr(network, "module") else network
+        core = unwrap(network)
         if phase.name != "low" and self.plans.training.low_resolution_pretraining:
             for block in self.frozen_low_blocks(core):
                 block.eval()
 
     def loss(self, network: nn.Module, loss_fn: nn.Module, batch: dict[str, torch.Tensor], phase: Phase) -> LossTerms:
-        core = network.module if hasattr(network, "module") else network
         if phase.name == "low":
-            low = loss_fn.low_term(core.low_forward(batch["low_image"]), batch["low_target"])
+            low = loss_fn.low_term(network(None, batch["low_image"], low_only=True), batch["low_target"])
             zero = low.new_zeros(())
             return LossTerms(total=low, high=zero, low=low, classification=zero)
         return loss_fn(network(batch["high_image"], batch["low_image"]), dual_targets(batch))
@@ -105,28 +105,23 @@ class TwoStageCascadeTrainer(DualResolutionTrainer):
         for parameter in network.parameters():
             parameter.requires_grad_(True)
         if phase.name == "low":
-            return list(network.low.parameters())
-        for parameter in network.low.parameters():
+            return list(unwrap(network).low.parameters())
+        for parameter in unwrap(network).low.parameters():
             parameter.requires_grad_(False)
         return [p for p in network.parameters() if p.requires_grad]
 
     def set_train_mode(self, network: nn.Module, phase: Phase) -> None:
         network.train()
         if phase.name != "low":
-            core = network.module if hasattr(network, "module") else network
+            core = unwrap(network)
             core.low.eval()  # a frozen first stage, batch norm statistics included
 
     def loss(self, network: nn.Module, loss_fn: nn.Module, batch: dict[str, torch.Tensor], phase: Phase) -> LossTerms:
         if phase.name == "low":
             return super().loss(network, loss_fn, batch, phase)
-        core = network.module if hasattr(network, "module") else network
-        with torch.no_grad():
-            low_logits = core.low_forward(batch["low_image"])
-        mask = core.mask_from_low(torch.sigmoid(low_logits), batch["high_image"].shape[2:])
-        high = core.high_forward(batch["high_image"], mask)
-        output = DualOutput(low_logits, high.logits, high.tumour_logit, mask)
         # The first stage is fixed: its loss term is computed without gradient, so it is
         # reported in the log but changes nothing.
+        output = network(batch["high_image"], batch["low_image"], frozen_low=True)
         return loss_fn(output, dual_targets(batch))
 
 

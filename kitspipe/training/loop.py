@@ -93,34 +93,42 @@ def run_epoch(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, optimise
     channels_last = channels_last_active(plans.training.channels_last, context.device)
     batches = context.make_batches(state.global_epoch, state.step_in_epoch, steps)
     waited = time.perf_counter()
-    for batch in batches:
-        started = time.perf_counter()
-        sums["seconds_data"] += started - waited
-        batch = batch_to_device(batch, context.device, channels_last)
-        optimiser.zero_grad(set_to_none=True)
-        # Forward and loss under autocast (the losses cast logits to float32 themselves);
-        # backward outside it, as torch recommends. bf16 needs no GradScaler.
-        with autocast(context.device, dtype):
-            terms = trainer.loss(network, loss_fn, batch, phase)
-        if not torch.isfinite(terms.total):
-            if plans.training.non_finite_loss == "stop":
-                raise KitspipeError(Problem("train", "-", context.folder, "non-finite loss; stopped, the last "
-                                            "finite checkpoint is kept", f"{terms.total.item()} at epoch "
-                                            f"{state.global_epoch} step {state.step_in_epoch}", "a finite loss"))
-            sums["skipped_steps"] += 1
-            state.skipped_steps += 1
-        else:
-            terms.total.backward()
-            optimiser.step()
-            for key, value in (("loss_total", terms.total), ("loss_high", terms.high), ("loss_low", terms.low),
-                               ("loss_classification", terms.classification)):
-                sums[key] += float(value.detach())
-            sums["steps"] += 1
-        state.step_in_epoch += 1
-        waited = time.perf_counter()
-        sums["seconds_compute"] += waited - started
-        if state.step_in_epoch < steps and _past(context.deadline):
-            break
+    try:
+        for batch in batches:
+            started = time.perf_counter()
+            sums["seconds_data"] += started - waited
+            batch = batch_to_device(batch, context.device, channels_last)
+            optimiser.zero_grad(set_to_none=True)
+            # Forward and loss under autocast (the losses cast logits to float32 themselves);
+            # backward outside it, as torch recommends. bf16 needs no GradScaler.
+            with autocast(context.device, dtype):
+                terms = trainer.loss(network, loss_fn, batch, phase)
+            if not torch.isfinite(terms.total):
+                if plans.training.non_finite_loss == "stop":
+                    raise KitspipeError(Problem("train", "-", context.folder, "non-finite loss; stopped, the last "
+                                                "finite checkpoint is kept", f"{terms.total.item()} at epoch "
+                                                f"{state.global_epoch} step {state.step_in_epoch}", "a finite loss"))
+                sums["skipped_steps"] += 1
+                state.skipped_steps += 1
+            else:
+                terms.total.backward()
+                optimiser.step()
+                for key, value in (("loss_total", terms.total), ("loss_high", terms.high), ("loss_low", terms.low),
+                                   ("loss_classification", terms.classification)):
+                    sums[key] += float(value.detach())
+                sums["steps"] += 1
+            state.step_in_epoch += 1
+            waited = time.perf_counter()
+            sums["seconds_compute"] += waited - started
+            if state.step_in_epoch < steps and _past(context.deadline):
+                break
+    except RuntimeError as error:
+        # torch reports a dead loader worker from its SIGCHLD handler, i.e. wherever the main
+        # thread is at that moment (usually inside the step), not only from next(batches).
+        failure = batches.worker_failure(error) if hasattr(batches, "worker_failure") else None
+        if failure is None:
+            raise
+        raise failure from None
     return sums
 
 

@@ -196,9 +196,15 @@ def _batch_factory(cases, plans: Plans, rank: int, world: int):
     from kitspipe.data.sampling import PatchSampler
 
     sampler = PatchSampler(cases, plans, make_augmenter(plans))
+    checked = []
 
     def make_batches(epoch: int, start_step: int, steps: int):
-        return make_loader(sampler, plans, epoch=epoch, steps=steps, num_workers=plans.training.num_workers,
-                           seed=plans.training.seed * 1000003 + rank, start_step=start_step)
+        # /dev/shm is checked before the first epoch only: a later, passing shortage (parallel
+        # folds filling it for a moment) must not end a run that is hours in.
+        loader = make_loader(sampler, plans, epoch=epoch, steps=steps, num_workers=plans.training.num_workers,
+                             seed=plans.training.seed * 1000003 + rank, start_step=start_step,
+                             check_shared_memory=not checked)
+        checked.append(True)
+        return loader
 
     return make_batches

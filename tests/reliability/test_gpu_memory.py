@@ -17,6 +17,7 @@ from kitspipe.imageio import read_volume
 from kitspipe.inference.memory_fallback import tile_fallbacks
 from kitspipe.inference.run import predict_case
 from kitspipe.networks.unet3d import UNet3D
+from kitspipe.preprocessing import prepare_case
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -68,6 +69,12 @@ def test_item_39_error_only_when_the_smallest_tiles_fail(small_plans, image, cap
             predict_case([network], image, small_plans, "fast", torch.device("cpu"))
     message = str(caught.value)
     assert message.startswith("kitspipe: infer: - GPU: out of memory even with the smallest tiles") and "\n" not in message
-    attempts = tile_fallbacks(small_plans, "fast")
+    high_shape = prepare_case(image, None, small_plans).high_image.shape
+    attempts = tile_fallbacks(small_plans, "fast", high_shape)
     assert attempts[-1][0] == "paper" and len(seen) == len(attempts)  # one failed tile per attempt
+    # This small volume fits an 8 M-voxel budget whole: halving the budget changes its tile only
+    # once it falls below the volume, and an unchanged tile is not retried.
+    fast_tiles = [tuple(shape) for shape in seen[:-1]]
+    assert len(set(fast_tiles)) == len(fast_tiles)
+    assert len(tile_fallbacks(small_plans, "fast")) > len(attempts)
     assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == len(attempts) - 1

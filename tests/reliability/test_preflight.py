@@ -57,22 +57,50 @@ def test_item_37_preprocess_refuses_before_work_when_the_disk_is_too_small(tiny_
     run_preprocess(tiny_work, progress=False)  # the same run goes through once there is space
 
 
-def test_item_37_infer_refuses_before_work_when_the_disk_is_too_small(tiny_work, tiny_dataset, tmp_path,
-                                                                      monkeypatch):
-    import torch
-
+def _infer_without_a_trained_fold(monkeypatch):
     from kitspipe.inference import run
     from kitspipe.networks.unet3d import UNet3D
 
-    # No trained fold is needed: the refusal comes before any case is predicted.
+    # No trained fold is needed: the pre-flight comes before any case is predicted.
     monkeypatch.setattr(run, "load_fold_model", lambda *args, **kwargs: (UNet3D(1, 2, 4, 2), "0" * 64))
-    _fake_free_space(monkeypatch, free=1024)
+    return run
+
+
+def test_item_37_infer_refuses_before_work_when_the_disk_is_too_small(tiny_work, tiny_dataset, tmp_path,
+                                                                      monkeypatch):
+    run = _infer_without_a_trained_fold(monkeypatch)
+    _fake_free_space(monkeypatch, free=100)
     output = tmp_path / "predictions"
     with pytest.raises(KitspipeError) as caught:
         run.run_inference(tiny_work, tiny_dataset, output, device="cpu", progress=False)
     assert re.fullmatch(rf"kitspipe: infer: - {re.escape(str(output))}: not enough free disk "
-                        r"\(needs [0-9.]+ [KM]iB vs 1\.0 KiB free\)", str(caught.value)), str(caught.value)
+                        r"\(needs [0-9.]+ KiB vs 0\.1 KiB free\)", str(caught.value)), str(caught.value)
     assert not list(output.glob("*.nii.gz"))
+
+
+def test_item_37_infer_only_warns_when_compressed_outputs_may_still_fit(tiny_work, tiny_dataset, tmp_path,
+                                                                        monkeypatch, caplog):
+    # Compressed label maps are 50-200x smaller than the uncompressed upper bound: a disk that
+    # cannot hold the upper bound must not stop an inference that fits.
+    from kitspipe.preflight import export_bytes_needed
+
+    run = _infer_without_a_trained_fold(monkeypatch)
+    images = {p.name: p / "imaging.nii.gz" for p in sorted(tiny_dataset.iterdir())}
+    lower, upper = export_bytes_needed(images)
+    assert 100 * lower < upper
+    _fake_free_space(monkeypatch, free=(lower + upper) // 2)
+    monkeypatch.setattr(run, "predict_case", _stop_at_the_first_case)
+    with caplog.at_level(logging.WARNING, logger="kitspipe.preflight"), pytest.raises(_FirstCase):
+        run.run_inference(tiny_work, tiny_dataset, tmp_path / "predictions", device="cpu", progress=False)
+    assert "usually far less" in caplog.text
+
+
+class _FirstCase(Exception):
+    pass
+
+
+def _stop_at_the_first_case(*args, **kwargs):
+    raise _FirstCase
 
 
 class _UnusedSampler:

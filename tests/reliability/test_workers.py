@@ -91,3 +91,20 @@ def test_item_38_killed_check_worker_is_reported_naming_the_case(tiny_dataset):
     assert re.match(r"kitspipe: check: case_0000\d \S+imaging.nii.gz: a check worker died \(killed for memory\?\) "
                     r"\(--jobs 2 vs fewer jobs or more memory\)", lines[0]), lines
     assert seconds < 15
+
+
+@needs_proc
+def test_item_38_killed_training_loader_worker_is_one_error_line(tiny_work):
+    # torch reports a dead loader worker from a SIGCHLD handler, wherever the main thread is
+    # (usually in the middle of a step), so the loop itself turns it into the stage's error.
+    import json
+
+    plans_file = tiny_work / "plans.json"
+    plans = json.loads(plans_file.read_text())
+    plans["training"].update(num_workers=1, steps_per_epoch=10_000)
+    plans_file.write_text(json.dumps(plans))
+    code, lines, seconds = _kill_a_worker(["train", str(tiny_work), "--fold", "0", "--trainer", "UNet3DTrainer",
+                                           "--epochs", "1", "--device", "cpu"], b"kitspipe")
+    assert code == 2, lines
+    assert lines and lines[-1].startswith("kitspipe: train: - data loader: a worker process died"), lines
+    assert seconds < 20, f"the dead worker was noticed after {seconds:.1f} s"
