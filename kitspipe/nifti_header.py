@@ -333,7 +333,7 @@ def orientation_problems(info: NiftiHeader, stage: str, case: str) -> tuple[str,
     pixdim_ok = all(np.isfinite(v) and v > 0 for v in pixdim)
     if not pixdim_ok:
         report("degenerate affine: non-positive or non-finite spacing in pixdim",
-               f"pixdim {_vec(pixdim)}", "positive voxel spacing")
+               f"pixdim {format_vector(pixdim)}", "positive voxel spacing")
     sform_code = max(0, int(header["sform_code"]))
     qform_code = max(0, int(header["qform_code"]))
     if sform_code == 0 and qform_code == 0:
@@ -370,7 +370,7 @@ def orientation_problems(info: NiftiHeader, stage: str, case: str) -> tuple[str,
         sform_spacing = tuple(float(v) for v in np.linalg.norm(sform[:3, :3], axis=0))
         if not np.allclose(sform_spacing, pixdim[:3], rtol=SPACING_RTOL, atol=0):
             report("degenerate affine: sform voxel size differs from pixdim",
-                   f"sform {_vec(sform_spacing)} mm", f"pixdim {_vec(pixdim)} mm (ITK uses pixdim)")
+                   f"sform {format_vector(sform_spacing)} mm", f"pixdim {format_vector(pixdim)} mm (ITK uses pixdim)")
     return chosen, problems
 
 
@@ -395,17 +395,18 @@ def _differences(sform: np.ndarray, qform: np.ndarray) -> list[str]:
     s_norms = np.linalg.norm(sform[:3, :3], axis=0)
     q_norms = np.linalg.norm(qform[:3, :3], axis=0)
     if not np.allclose(s_norms, q_norms, rtol=SPACING_RTOL, atol=0):
-        found.append(f"voxel size sform {_vec(s_norms)}, qform {_vec(q_norms)}")
+        found.append(f"voxel size sform {format_vector(s_norms)}, qform {format_vector(q_norms)}")
     s_dir = sform[:3, :3] / np.where(s_norms > 0, s_norms, 1)
     q_dir = qform[:3, :3] / np.where(q_norms > 0, q_norms, 1)
     if not np.allclose(s_dir, q_dir, rtol=0, atol=DIRECTION_TOL):
         found.append(f"direction sform {_rows(s_dir)}, qform {_rows(q_dir)}")
     if not np.allclose(sform[:3, 3], qform[:3, 3], rtol=0, atol=TRANSLATION_TOL_MM):
-        found.append(f"offset sform {_vec(sform[:3, 3])}, qform {_vec(qform[:3, 3])}")
+        found.append(f"offset sform {format_vector(sform[:3, 3])}, qform {format_vector(qform[:3, 3])}")
     return found
 
 
-def _vec(values) -> str:
+def format_vector(values) -> str:
+    """``(0.8, 0.8, 2.5)``: a vector as error messages show it."""
     return "(" + ", ".join(f"{float(v) + 0.0:.6g}" for v in values) + ")"  # + 0.0 prints -0 as 0
 
 

@@ -33,6 +33,7 @@ from kitspipe.labels import ALLOWED_LABELS, KIDNEY, TUMOUR
 from kitspipe.nifti_header import (
     NiftiHeader,
     available_memory_bytes,
+    format_vector,
     orientation_problems,
     read_nifti_header,
     size_problems,
@@ -296,12 +297,12 @@ def _check_image_grid(geometry: Geometry, case: CaseFiles, stage: str, problems:
     low, high = USUAL_SPACING_MM
     if any(not low <= s <= high for s in geometry.spacing):
         problems.append(Problem(stage, case.case_id, case.image, "unusual voxel spacing",
-                                f"{_vec(geometry.spacing)} mm", f"{low:g}-{high:g} mm", "warning"))
+                                f"{format_vector(geometry.spacing)} mm", f"{low:g}-{high:g} mm", "warning"))
     try:
         reorientation_for(geometry)
     except ValueError:
         problems.append(Problem(stage, case.case_id, case.image, "direction has no nearest canonical axes",
-                                _vec(geometry.direction), "each index axis closest to a distinct world axis"))
+                                format_vector(geometry.direction), "each index axis closest to a distinct world axis"))
         return
     magnitudes = np.abs(geometry.matrix())
     if np.any(np.minimum(magnitudes, np.abs(magnitudes - 1)) > OBLIQUE_TOL):
@@ -390,10 +391,6 @@ def _value_counts(values, counts) -> str:
 
 def _dims(size) -> str:
     return "×".join(str(v) for v in size)
-
-
-def _vec(values) -> str:
-    return "(" + ", ".join(f"{float(v) + 0.0:.6g}" for v in values) + ")"  # + 0.0 prints -0 as 0
 
 
 def _affine(geometry: Geometry) -> str:
