@@ -55,7 +55,7 @@ from benchlib import ChildResult, Summary, mib, summary_json, table  # noqa: E40
 
 SCRIPT = Path(__file__).resolve()
 MODES = ("paper", "fast")
-HUGE_VALID_INPUT = 2**20 + 4  # a valid input edge for depth <= 3 whose margin is negligible
+HUGE_OUTPUT = 2**20  # an output edge so large that the margin of valid convolutions is negligible
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -75,9 +75,12 @@ def high_tile_flops(plans, tile_in: tuple[int, ...]) -> float:
 
     extra, branch = mask_branch(plans)
     channels = 2 if plans.network.mask_join == "input" else 1
-    unet = unet_forward_flops(tuple(tile_in), channels, plans.high.base_filters, plans.high.depth, 2, extra)
-    # ConvBlock(1, b, b): two valid 3×3×3 convolutions on the masked image.
-    branch_macs = (math.prod(s - 2 for s in tile_in) * branch + math.prod(s - 4 for s in tile_in) * branch * branch)
+    unet = unet_forward_flops(tuple(tile_in), channels, plans.high.base_filters, plans.high.depth, 2, extra,
+                              borders=plans.high.borders)
+    # ConvBlock(1, b, b): two 3×3×3 convolutions on the masked image (each valid one shrinks by 2).
+    shrink = plans.high.borders.shrink_per_conv
+    branch_macs = (math.prod(s - shrink for s in tile_in) * branch
+                   + math.prod(s - 2 * shrink for s in tile_in) * branch * branch)
     return unet + 2.0 * 27 * branch_macs
 
 
@@ -87,12 +90,14 @@ def dense_flops_per_voxel(plans) -> tuple[float, float]:
     The FLOPs of a huge tile divided by its output voxels converge to the cost of computing
     each output voxel once (the valid-convolution margin becomes negligible).
     """
-    from kitspipe.networks.sizes import output_size, unet_forward_flops
+    from kitspipe.networks.sizes import input_size_for_output, output_size, unet_forward_flops
 
-    size = HUGE_VALID_INPUT
-    high = high_tile_flops(plans, (size,) * 3) / float(output_size(size, plans.high.depth)) ** 3
-    low = (unet_forward_flops((size,) * 3, 1, plans.low.base_filters, plans.low.depth, 1)
-           / float(output_size(size, plans.low.depth)) ** 3)
+    h, lo = plans.high, plans.low
+    size = input_size_for_output(HUGE_OUTPUT, h.depth, borders=h.borders)
+    high = high_tile_flops(plans, (size,) * 3) / float(output_size(size, h.depth, borders=h.borders)) ** 3
+    size = input_size_for_output(HUGE_OUTPUT, lo.depth, borders=lo.borders)
+    low = (unet_forward_flops((size,) * 3, 1, lo.base_filters, lo.depth, 1, borders=lo.borders)
+           / float(output_size(size, lo.depth, borders=lo.borders)) ** 3)
     return high, low
 
 
@@ -102,10 +107,11 @@ def fast_mode_flops(plans, high_shape: tuple[int, ...], low_shape: tuple[int, ..
     from kitspipe.networks.sizes import unet_forward_flops
 
     high_tiles, high_in = _tiles_for("fast", high_shape, plans.high.depth, plans.high.input_patch,
-                                     plans.high.output_patch, plans)
+                                     plans.high.output_patch, plans, borders=plans.high.borders)
     low_tiles, low_in = _tiles_for("fast", low_shape, plans.low.depth, plans.low.input_patch,
-                                   plans.low.output_patch, plans)
-    per_low_tile = unet_forward_flops(low_in, 1, plans.low.base_filters, plans.low.depth, 1)
+                                   plans.low.output_patch, plans, borders=plans.low.borders)
+    per_low_tile = unet_forward_flops(low_in, 1, plans.low.base_filters, plans.low.depth, 1,
+                                      borders=plans.low.borders)
     return len(high_tiles) * high_tile_flops(plans, high_in) + len(low_tiles) * per_low_tile
 
 

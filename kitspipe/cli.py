@@ -218,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["paper", "fast"], help="tiling (default: the plan's)")
     p.add_argument("--save-probabilities", action="store_true")
     p.add_argument("--no-postprocessing", action="store_true")
-    p.add_argument("--checkpoint", choices=["best", "latest"], default="best")
+    p.add_argument("--checkpoint", choices=["best", "latest"], default=None,
+                   help="which checkpoint of each fold (default: the plan's inference.checkpoint)")
     p.add_argument("--trainer")
     p.add_argument("--plugin", action="append", default=[])
     p.add_argument("--device")

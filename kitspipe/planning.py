@@ -2,7 +2,7 @@
 
 What the planner decides:
 
-* patch sizes of the valid-convolution U-Nets, when a preset leaves them ``null``: the
+* patch sizes of the U-Nets (valid or same-padded, ``high/low.padding``), when a preset leaves them ``null``: the
   largest cubic high-resolution input whose training step (forward + backward ≈ 3 forward
   passes, both branches, whole batch) fits ``planner.step_gflop_budget``; the low-resolution
   input either equals it (as in the paper) or, with ``low_output_covers_high_input``, is the
@@ -34,16 +34,18 @@ PLANS_FILE = "plans.json"
 
 def training_step_gflop(plans: Plans, high_input: int, low_input: int) -> float:
     """Estimated GFLOP of one optimiser step (forward + backward ≈ 3× forward) for a batch."""
-    high = unet_forward_flops((high_input,) * 3, 1, plans.high.base_filters, plans.high.depth, 2)
-    low = unet_forward_flops((low_input,) * 3, 1, plans.low.base_filters, plans.low.depth, 1)
+    high = unet_forward_flops((high_input,) * 3, 1, plans.high.base_filters, plans.high.depth, 2,
+                              borders=plans.high.borders)
+    low = unet_forward_flops((low_input,) * 3, 1, plans.low.base_filters, plans.low.depth, 1,
+                             borders=plans.low.borders)
     return 3.0 * (high + low) * plans.training.batch_size / 1e9
 
 
 def covering_low_input(plans: Plans, high_input: int) -> int:
     """Smallest valid low-resolution input whose output spans ``high_input`` high-res voxels."""
     needed_mm = high_input * plans.high.spacing_mm[0]
-    for size in valid_input_sizes(plans.low.depth, max_input=4096):
-        if output_size(size, plans.low.depth) * plans.low.spacing_mm[0] >= needed_mm:
+    for size in valid_input_sizes(plans.low.depth, max_input=4096, borders=plans.low.borders):
+        if output_size(size, plans.low.depth, borders=plans.low.borders) * plans.low.spacing_mm[0] >= needed_mm:
             return size
     raise PlanError(f"low: no valid input up to 4096 voxels covers {needed_mm} mm")
 
@@ -55,21 +57,24 @@ def resolve_patch_sizes(plans: Plans) -> Plans:
         if budget is None:
             raise PlanError("planner.step_gflop_budget: needed because high.input_patch is null")
         chosen = None
-        for size in valid_input_sizes(high.depth, max_input=plans.planner.max_input_size):
+        for size in valid_input_sizes(high.depth, max_input=plans.planner.max_input_size, borders=high.borders):
             low_size = covering_low_input(plans, size) if plans.planner.low_output_covers_high_input else size
             if training_step_gflop(plans, size, low_size) <= budget:
                 chosen = size
         if chosen is None:
             raise PlanError(f"planner.step_gflop_budget: {budget} GFLOP is below the smallest valid patch")
-        high = replace(high, input_patch=(chosen,) * 3, output_patch=(output_size(chosen, high.depth),) * 3)
+        high = replace(high, input_patch=(chosen,) * 3,
+                       output_patch=(output_size(chosen, high.depth, borders=high.borders),) * 3)
     elif high.output_patch is None:
-        high = replace(high, output_patch=tuple(output_size(s, high.depth) for s in high.input_patch))
+        high = replace(high, output_patch=tuple(output_size(s, high.depth, borders=high.borders)
+                                                for s in high.input_patch))
     if low.input_patch is None:
         size = (covering_low_input(plans, high.input_patch[0]) if plans.planner.low_output_covers_high_input
                 else high.input_patch[0])
-        low = replace(low, input_patch=(size,) * 3, output_patch=(output_size(size, low.depth),) * 3)
+        low = replace(low, input_patch=(size,) * 3, output_patch=(output_size(size, low.depth, borders=low.borders),) * 3)
     elif low.output_patch is None:
-        low = replace(low, output_patch=tuple(output_size(s, low.depth) for s in low.input_patch))
+        low = replace(low, output_patch=tuple(output_size(s, low.depth, borders=low.borders)
+                                              for s in low.input_patch))
     low_output_mm = low.output_patch[0] * low.spacing_mm[0]
     high_output_mm = high.output_patch[0] * high.spacing_mm[0]
     if low_output_mm < high_output_mm:

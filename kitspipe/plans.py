@@ -37,6 +37,15 @@ class ResolutionPlan:
     depth: int
     input_patch: Triple | None = None
     output_patch: Triple | None = None
+    padding: Literal["valid", "same"] = "valid"
+    output_crop: int = 0
+
+    @property
+    def borders(self):
+        """The U-Net's :class:`~kitspipe.networks.sizes.UNetBorders`."""
+        from kitspipe.networks.sizes import UNetBorders
+
+        return UNetBorders(self.padding, self.output_crop)
 
     def __post_init__(self) -> None:
         for value in self.spacing_mm:
@@ -46,13 +55,16 @@ class ResolutionPlan:
             raise ValueError(f"base_filters: must be >= 1, got {self.base_filters}")
         if not 1 <= self.depth <= 5:
             raise ValueError(f"depth: must be within 1..5, got {self.depth}")
+        if self.output_crop < 0:
+            raise ValueError(f"output_crop: must be >= 0, got {self.output_crop}")
         if self.input_patch is not None:
             from kitspipe.networks.sizes import output_size
 
             try:
-                expected = tuple(output_size(s, self.depth) for s in self.input_patch)
+                expected = tuple(output_size(s, self.depth, borders=self.borders) for s in self.input_patch)
             except ValueError as error:
-                raise ValueError(f"input_patch: {list(self.input_patch)} is not valid for depth {self.depth} ({error})") from None
+                raise ValueError(f"input_patch: {list(self.input_patch)} is not valid for depth {self.depth} "
+                                 f"and {self.padding} padding ({error})") from None
             if self.output_patch is not None and tuple(self.output_patch) != expected:
                 raise ValueError(f"output_patch: {list(self.output_patch)} does not match input_patch "
                                  f"{list(self.input_patch)} at depth {self.depth} (expected {list(expected)})")
@@ -82,6 +94,7 @@ class NetworkPlan:
     head_conv_filters: tuple[int, ...] = (32, 16)
     head_fc: tuple[int, ...] = (1024, 256, 128)
     head_fc_after_volume: tuple[int, ...] = (64, 32)
+    normalisation: Literal["batch", "instance"] = "batch"
 
 
 @dataclass(frozen=True)
@@ -148,6 +161,7 @@ class TrainingPlan:
     non_finite_loss: Literal["stop", "skip"] = "stop"
     max_minutes: float | None = None
     n_folds: int = 5
+    weight_average_decay: float | None = None
     # How the network runs, not what it learns: excluded from the resume identity (training.run).
     mixed_precision: MixedPrecision = "off"
     compile: bool = False
@@ -160,6 +174,8 @@ class TrainingPlan:
             raise ValueError(f"validation_fraction: must be within (0, 1), got {self.validation_fraction}")
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        if self.weight_average_decay is not None and not 0 <= self.weight_average_decay < 1:
+            raise ValueError(f"weight_average_decay: must be within [0, 1) or null, got {self.weight_average_decay}")
         for name in ("batch_size", "steps_per_epoch", "max_epochs", "patience"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -180,6 +196,7 @@ class InferencePlan:
     tile_mode: Literal["paper", "fast"] = "fast"
     max_tile_voxels: int = 8_000_000
     mixed_precision: MixedPrecision = "off"
+    checkpoint: Literal["best", "latest"] = "best"
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,10 @@ def _plans(depth=2, high_in=64, low_in=56, tile_voxels=300_000, high_spacing=2.0
                                 input_patch=(low_in,) * 3,
                                 output_patch=(output_size(low_in, depth),) * 3),
                     intensity=replace(plans.intensity, mean=50.0, std=100.0),
-                    inference=replace(plans.inference, max_tile_voxels=tile_voxels))
+                    # Batch norm: a fixed map at inference, so the tiling modes are comparable.
+                    network=replace(plans.network, normalisation="batch"),
+                    # float32: bf16 rounding would hide whether two tilings compute the same voxels.
+                    inference=replace(plans.inference, max_tile_voxels=tile_voxels, mixed_precision="off"))
     return plans
 
 
@@ -127,3 +130,68 @@ def test_infer_and_evaluate_commands_on_a_trained_fold(tiny_work, tiny_dataset, 
     assert main(["-q", "evaluate", str(out), str(tiny_dataset), "--out", str(tmp_path / "eval")]) == 0
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["n_cases"] == 4
+
+
+def _same_padded(plans, crop: int, high_in: int = 64, low_in: int = 32):
+    from kitspipe.networks.sizes import UNetBorders, output_size
+
+    high_borders, low_borders = UNetBorders("same", crop), UNetBorders("same")
+    return replace(plans,
+                   high=replace(plans.high, padding="same", output_crop=crop, input_patch=(high_in,) * 3,
+                                output_patch=(output_size(high_in, plans.high.depth, borders=high_borders),) * 3),
+                   low=replace(plans.low, padding="same", output_crop=0, input_patch=(low_in,) * 3,
+                               output_patch=(output_size(low_in, plans.low.depth, borders=low_borders),) * 3))
+
+
+def test_same_padding_cropped_by_the_receptive_field_is_tile_independent():
+    """A same-padded U-Net whose output crop covers its receptive-field radius never lets the
+    zero padding reach a kept voxel, so any tiling gives the same volume."""
+    from kitspipe.networks.sizes import UNetBorders, margin
+
+    crop = margin(2)  # the valid network's margin is exactly its receptive-field radius
+    plans = _same_padded(_plans(depth=2), crop, high_in=48)
+    network = _randomised(UNet3D(1, 2, 4, 2, borders=UNetBorders("same", crop)))
+    volume = np.random.default_rng(3).normal(size=(30, 41, 37)).astype(np.float32)
+    paper = predict_volume(network, volume, None, plans, mode="paper").regions
+    fast = predict_volume(network, volume, None, plans, mode="fast").regions
+    assert paper.shape == fast.shape == (2, 30, 41, 37)
+    assert np.abs(paper - fast).max() <= 1e-4
+
+
+@pytest.mark.parametrize("normalisation", ["batch", "instance"])
+def test_same_padded_dual_network_predicts_whole_volumes(normalisation):
+    plans = _same_padded(_plans(depth=2), crop=4)
+    plans = replace(plans, network=replace(plans.network, normalisation=normalisation))
+    network = _randomised(build_dual_network(plans))
+    rng = np.random.default_rng(4)
+    high = rng.normal(size=(36, 70, 50)).astype(np.float32)
+    low = rng.normal(size=(9, 18, 13)).astype(np.float32)
+    for mode in ("paper", "fast"):
+        prediction = predict_volume(network, high, low, plans, mode=mode)
+        assert prediction.regions.shape == (2, 36, 70, 50) and prediction.low_on_high.shape == (36, 70, 50)
+        assert np.all((prediction.regions >= 0) & (prediction.regions <= 1))
+
+
+def test_plan_chooses_which_checkpoint_infer_loads(tiny_work, tiny_dataset, tmp_path):
+    from kitspipe.inference.run import run_inference
+    from kitspipe.training.checkpoint import load_tensors, read_metadata, save_checkpoint
+    from kitspipe.training.run import train_fold
+
+    folder = train_fold(tiny_work, 0, trainer="UNet3DTrainer", epochs=1, progress=False)
+    tensors = load_tensors(folder / "checkpoint_latest.pt")
+    tensors["model"]["head.bias"] = tensors["model"]["head.bias"] + 30.0  # "best" now says foreground everywhere
+    save_checkpoint(folder, "best", tensors, {k: v for k, v in read_metadata(folder, "latest").items()
+                                              if k != "weights_sha256"})
+
+    def foreground(out) -> float:
+        return float((sitk.GetArrayFromImage(sitk.ReadImage(str(out / "case_00000.nii.gz"))) > 0).mean())
+
+    common = dict(folds=[0], trainer="UNet3DTrainer", postprocess=False, progress=False, case_ids=["case_00000"])
+    plans = json.loads((tiny_work / "plans.json").read_text())
+    for choice in ("best", "latest"):
+        plans["inference"]["checkpoint"] = choice
+        (tiny_work / "plans.json").write_text(json.dumps(plans))
+        run_inference(tiny_work, tiny_dataset, tmp_path / choice, **common)
+    # Foreground everywhere on the preprocessed body crop (the rest of the image is background).
+    assert foreground(tmp_path / "best") > 0.8
+    assert foreground(tmp_path / "latest") < 0.5

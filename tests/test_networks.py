@@ -14,6 +14,7 @@ from kitspipe.networks.blocks import center_pad_or_crop
 from kitspipe.networks.classification_head import TumourPresenceHead
 from kitspipe.networks.dual_resolution import MASK_JOINS, DualResolutionUNet
 from kitspipe.networks.sizes import (
+    UNetBorders,
     input_size_for_output,
     is_valid_input_size,
     margin,
@@ -259,3 +260,99 @@ def test_paper_preset_shapes_and_one_adam_step() -> None:
     print(f"paper dual network: forward + backward + Adam step {time.perf_counter() - start:.1f} s")
     assert not torch.equal(before, net.head.out.weight)
     assert net.low.encoder[0][0][0].weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- same padding
+
+SAME = UNetBorders("same", output_crop=4)
+
+
+def test_same_padding_size_arithmetic() -> None:
+    assert output_size(64, 2, borders=SAME) == 56
+    assert output_size(64, 2, borders=UNetBorders("same")) == 64
+    assert margin(2, borders=SAME) == 4 and margin(3, borders=UNetBorders("same")) == 0
+    # Only pooling constrains a same-padded input: every pooled size must be even.
+    assert valid_input_sizes(2, max_input=24, borders=UNetBorders("same")) == [4, 8, 12, 16, 20, 24]
+    assert valid_input_sizes(2, min_output=10, max_input=24, borders=SAME) == [20, 24]
+    assert input_size_for_output(21, 3, borders=SAME) == 32
+    with pytest.raises(ValueError, match="input size 62 "):
+        output_size(62, 2, borders=SAME)
+    with pytest.raises(ValueError, match="output crop of 4"):
+        output_size(8, 2, borders=SAME)
+    with pytest.raises(ValueError, match="padding must be one of"):
+        UNetBorders("reflect")
+    # A valid U-Net with a crop has the crop added to its margin.
+    assert output_size(108, 3, borders=UNetBorders("valid", 2)) == 16
+
+
+@settings(max_examples=25, deadline=None)
+@given(depth=st.integers(1, 3), size=st.integers(4, 40), crop=st.integers(0, 3))
+def test_same_padded_network_output_matches_size_arithmetic(depth: int, size: int, crop: int) -> None:
+    borders = UNetBorders("same", crop)
+    net = UNet3D(1, 1, base_filters=1, depth=depth, borders=borders).eval()
+    other = input_size_for_output(1, depth, borders=borders)
+    x = torch.zeros(1, 1, size, other, other)
+    if not is_valid_input_size(size, depth, borders=borders):
+        with pytest.raises(ValueError, match=f"input size {size} "):
+            net(x)
+        return
+    assert output_size(size, depth, borders=borders) == size - 2 * crop
+    with torch.no_grad():
+        assert net(x).logits.shape[2:] == (size - 2 * crop, other - 2 * crop, other - 2 * crop)
+
+
+@pytest.mark.parametrize("borders", [UNetBorders(), SAME])
+def test_flop_count_matches_the_layers_that_run(borders: UNetBorders) -> None:
+    """The planner's FLOP formula against the convolutions the network actually executes."""
+    size, depth, base, extra = (44, 48, 52), 2, 2, {0: 3}
+    net = UNet3D(1, 2, base_filters=base, depth=depth, extra_skip_channels=extra, borders=borders)
+    counted = 0.0
+
+    def count(module, inputs, output) -> None:
+        nonlocal counted
+        kernel = module.weight.shape[2:].numel()
+        cin = module.in_channels if isinstance(module, torch.nn.Conv3d) else module.out_channels
+        # A transposed convolution does cin·cout·k multiply-adds per input voxel.
+        voxels = (output if isinstance(module, torch.nn.Conv3d) else inputs[0])[0, 0].numel()
+        counted += 2.0 * cin * module.out_channels * kernel * voxels
+
+    for module in net.modules():
+        if isinstance(module, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+            module.register_forward_hook(count)
+    skip = trace_sizes(size[0], depth, borders=borders).skips[0]
+    with torch.no_grad():
+        net(torch.zeros(1, 1, *size), {0: torch.zeros(1, 3, skip, *(trace_sizes(s, depth, borders=borders).skips[0]
+                                                                       for s in size[1:]))})
+    assert unet_forward_flops(size, 1, base, depth, 2, extra, borders=borders) == pytest.approx(counted, rel=1e-9)
+
+
+def test_same_padded_dual_network_shapes_and_gradients() -> None:
+    net = DualResolutionUNet(4, 4, 2, 2, high_input_size=(40,) * 3, low_input_size=(16,) * 3,
+                             high_borders=SAME, low_borders=UNetBorders("same"))
+    out = net(torch.randn(1, 1, 40, 40, 40), torch.randn(1, 1, 16, 16, 16))
+    assert out.high_logits.shape == (1, 2, 32, 32, 32)
+    assert out.low_logits.shape == (1, 1, 16, 16, 16)
+    # 16 low voxels x 4 = 64 high voxels, centre-cropped to the 40-voxel high input.
+    assert out.mask.shape == (1, 1, 40, 40, 40)
+    out.high_logits.mean().backward()
+    assert net.low.head.weight.grad is not None and net.low.head.weight.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- normalisation
+
+
+@pytest.mark.parametrize("normalisation, same_in_both_modes", [("instance", True), ("batch", False)])
+def test_instance_norm_infers_as_it_trained_with_batch_size_one(normalisation: str, same_in_both_modes: bool) -> None:
+    """Batch-1 batch norm trains on per-patch statistics but infers with running averages;
+    instance norm uses the patch's own statistics in both modes (docs/interpretation.md)."""
+    net = DualResolutionUNet(4, 4, 2, 2, high_input_size=(44,) * 3, low_input_size=(44,) * 3,
+                             normalisation=normalisation)
+    high, low = torch.randn(1, 1, 44, 44, 44) * 3 + 1, torch.randn(1, 1, 44, 44, 44) * 3 + 1
+    with torch.no_grad():
+        net.train()
+        trained = net(high, low).high_logits
+        net.eval()
+        inferred = net(high, low).high_logits
+    assert torch.allclose(trained, inferred, atol=1e-5) == same_in_both_modes
+    kinds = {type(m).__name__ for m in net.high.modules() if "Norm" in type(m).__name__}
+    assert kinds == {"InstanceNorm3d" if normalisation == "instance" else "BatchNorm3d"}

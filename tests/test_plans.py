@@ -48,6 +48,13 @@ def test_round_trip_is_identical(tmp_path):
     (lambda d: d["low"].update(spacing_mm=[4, 4, 2.5]), "low.spacing_mm"),
     (lambda d: d["network"].update(mask_join="sideways"), "network.mask_join: 'sideways' is not one of"),
     (lambda d: d.pop("high"), ".high: missing required key"),
+    (lambda d: d["training"].update(weight_average_decay=1.0), "training: weight_average_decay: must be within"),
+    (lambda d: d["network"].update(normalisation="group"), "network.normalisation: 'group' is not one of"),
+    (lambda d: d["high"].update(padding="reflect"), "high.padding: 'reflect' is not one of"),
+    (lambda d: d["high"].update(output_crop=-1), "output_crop: must be >= 0"),
+    (lambda d: d["high"].update(padding="same"), "input_patch: [108, 108, 108] is not valid for depth 3 and same"),
+    # Same-padded, a 112 input gives a 112 output, not the 20 the file says.
+    (lambda d: d["high"].update(padding="same", input_patch=[112] * 3), "output_patch: [20, 20, 20] does not match"),
 ])
 def test_invalid_plans_name_the_field(tmp_path, edit, field):
     path = _resolved_paper(tmp_path)

@@ -20,9 +20,14 @@ def _weights(folder: Path) -> dict:
     return load_tensors(folder / "checkpoint_latest.pt")["model"]
 
 
-def test_resume_equals_uninterrupted_run(tiny_work, tmp_path):
+@pytest.mark.parametrize("weight_average_decay", [None, 0.9])
+def test_resume_equals_uninterrupted_run(tiny_work, tmp_path, weight_average_decay):
     import shutil
 
+    if weight_average_decay is not None:
+        plans = json.loads((tiny_work / "plans.json").read_text())
+        plans["training"]["weight_average_decay"] = weight_average_decay
+        (tiny_work / "plans.json").write_text(json.dumps(plans))
     other = tmp_path / "other"
     shutil.copytree(tiny_work, other)
     straight = train_fold(tiny_work, 0, epochs=2, progress=False)
@@ -31,6 +36,13 @@ def test_resume_equals_uninterrupted_run(tiny_work, tmp_path):
     assert first == resumed
     a, b = _weights(straight), _weights(resumed)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if weight_average_decay is not None:
+        # "model" (what inference loads) is the average; training continued from its own weights.
+        tensors_a, tensors_b = load_tensors(straight / "checkpoint_latest.pt"), load_tensors(resumed / "checkpoint_latest.pt")
+        own_a, own_b = tensors_a["training_model"], tensors_b["training_model"]
+        assert all(torch.equal(own_a[k], own_b[k]) for k in own_a)
+        assert tensors_a["weight_average_updates"] == tensors_b["weight_average_updates"] > 0
+        assert any(not torch.equal(a[k], own_a[k]) for k in a if a[k].is_floating_point())
     log_a = (straight / "training_log.csv").read_text().splitlines()
     log_b = (resumed / "training_log.csv").read_text().splitlines()
     strip = lambda lines: [",".join(line.split(",")[:12]) for line in lines]  # drop timing columns

@@ -59,7 +59,8 @@ def tile_fallbacks(plans: Plans, mode: str, high_shape: Sequence[int] | None = N
 def _high_tile(plans: Plans, budget: int, high_shape: Sequence[int] | None) -> tuple[int, ...] | None:
     if high_shape is None:
         return None
-    return tuple(fast_input_tile(high_shape, plans.high.depth, budget, min_input=plans.high.input_patch))
+    return tuple(fast_input_tile(high_shape, plans.high.depth, budget, min_input=plans.high.input_patch,
+                                 borders=plans.high.borders))
 
 
 def describe(mode: str, plans: Plans) -> str:

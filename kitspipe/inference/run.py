@@ -88,7 +88,7 @@ def predict_case(models: list[torch.nn.Module], image, plans: Plans, mode: str, 
 
 def run_inference(work: str | Path, input_dir: str | Path, output_dir: str | Path, folds: list[int] | None = None,
                   mode: str | None = None, save_probabilities: bool = False, device: str | None = None,
-                  trainer: str | None = None, checkpoint: str = "best", postprocess: bool = True,
+                  trainer: str | None = None, checkpoint: str | None = None, postprocess: bool = True,
                   plugins: tuple[str, ...] = (), progress: bool = True, case_ids: list[str] | None = None,
                   unprocessed_dir: str | Path | None = None, mixed_precision: str | None = None) -> Path:
     """The infer stage.
@@ -96,7 +96,7 @@ def run_inference(work: str | Path, input_dir: str | Path, output_dir: str | Pat
     Args:
         folds: folds whose models are averaged (default: fold 0).
         mode: tiling mode, ``paper`` or ``fast`` (default from the plan).
-        checkpoint: ``best`` (falls back to ``latest``) or ``latest``.
+        checkpoint: ``best`` (falls back to ``latest``) or ``latest``; default from the plan.
         postprocess: apply the plan's post-processing.
         case_ids: predict only these cases of ``input_dir``.
         unprocessed_dir: also write the labels before post-processing there (cross-validation
@@ -111,8 +111,12 @@ def run_inference(work: str | Path, input_dir: str | Path, output_dir: str | Pat
     if mixed_precision is not None:
         plans = replace(plans, inference=replace(plans.inference, mixed_precision=mixed_precision))
     trainer_name = trainer or plans.training.trainer
+    checkpoint = checkpoint or plans.inference.checkpoint
     folds = list(folds if folds is not None else [0])
     mode = mode or plans.inference.tile_mode
+    if mode == "fast" and plans.network.normalisation == "instance":
+        log.warning("infer: fast tiles with instance norm compute each tile's statistics over a larger "
+                    "region than the training patches; the paper mode reproduces training (docs/inference.md)")
     target = pick_device(device)
     dataset = discover(input_dir, stage="infer")
     cases = [c for c in dataset.cases if case_ids is None or c.case_id in set(case_ids)]

@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from kitspipe.networks.sizes import is_valid_input_size, output_size
+from kitspipe.networks.sizes import VALID, UNetBorders, is_valid_input_size, output_size
 
 Triple = tuple[int, int, int]
 
@@ -289,25 +289,25 @@ def predict_tiled(
     return stitcher.result()
 
 
-def _valid_output(input_size: int, depth: int) -> int | None:
-    """Output edge of the valid U-Net for ``input_size``, or None if that input is not valid."""
-    if input_size < 1 or not is_valid_input_size(input_size, depth):
+def _valid_output(input_size: int, depth: int, borders: UNetBorders = VALID) -> int | None:
+    """Output edge of the U-Net for ``input_size``, or None if that input is not valid."""
+    if input_size < 1 or not is_valid_input_size(input_size, depth, borders=borders):
         return None
-    return output_size(input_size, depth)
+    return output_size(input_size, depth, borders=borders)
 
 
-def _smallest_valid_input(at_least: int, depth: int) -> int:
+def _smallest_valid_input(at_least: int, depth: int, borders: UNetBorders = VALID) -> int:
     size = max(at_least, 1)
-    while _valid_output(size, depth) is None:
+    while _valid_output(size, depth, borders) is None:
         size += 1
     return size
 
 
-def _input_for_output(output_needed: int, depth: int, at_least: int) -> int:
+def _input_for_output(output_needed: int, depth: int, at_least: int, borders: UNetBorders = VALID) -> int:
     """Smallest valid input, not below ``at_least``, whose output is at least ``output_needed``."""
-    size = _smallest_valid_input(at_least, depth)
-    while _valid_output(size, depth) < output_needed:
-        size = _smallest_valid_input(size + 1, depth)
+    size = _smallest_valid_input(at_least, depth, borders)
+    while _valid_output(size, depth, borders) < output_needed:
+        size = _smallest_valid_input(size + 1, depth, borders)
     return size
 
 
@@ -316,6 +316,8 @@ def fast_input_tile(
     depth: int,
     max_input_voxels: int,
     min_input: int | Sequence[int] | None = None,
+    *,
+    borders: UNetBorders = VALID,
 ) -> Triple:
     """A large valid input tile for fast whole-volume inference within a memory budget.
 
@@ -336,6 +338,7 @@ def fast_input_tile(
         max_input_voxels: budget for one input tile, in voxels.
         min_input: smallest input edge(s) allowed, rounded up to a valid size; ``None`` means
             the smallest valid input.
+        borders: the U-Net's padding and output crop.
 
     Example::
 
@@ -345,18 +348,18 @@ def fast_input_tile(
     shape = _triple(volume_shape, "volume_shape")
     if max_input_voxels < 1 or depth < 0:
         raise ValueError("max_input_voxels must be positive and depth not negative")
-    lowest = tuple(_smallest_valid_input(m, depth) for m in _triple(min_input or 1, "min_input"))
-    tile = [_input_for_output(n, depth, low) for n, low in zip(shape, lowest)]
+    lowest = tuple(_smallest_valid_input(m, depth, borders) for m in _triple(min_input or 1, "min_input"))
+    tile = [_input_for_output(n, depth, low, borders) for n, low in zip(shape, lowest)]
     while math.prod(tile) > max_input_voxels:
         shrinkable = [axis for axis in range(3) if tile[axis] > lowest[axis]]
         if not shrinkable:
             break
         axis = max(shrinkable, key=lambda a: tile[a])
         smaller = tile[axis] - 1
-        while _valid_output(smaller, depth) is None:
+        while _valid_output(smaller, depth, borders) is None:
             smaller -= 1
         tile[axis] = max(smaller, lowest[axis])
     for axis in range(3):
-        n_tiles = math.ceil(shape[axis] / _valid_output(tile[axis], depth))
-        tile[axis] = _input_for_output(math.ceil(shape[axis] / n_tiles), depth, lowest[axis])
+        n_tiles = math.ceil(shape[axis] / _valid_output(tile[axis], depth, borders))
+        tile[axis] = _input_for_output(math.ceil(shape[axis] / n_tiles), depth, lowest[axis], borders)
     return tuple(tile)

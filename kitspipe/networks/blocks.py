@@ -1,7 +1,8 @@
-"""Building blocks of the valid-convolution 3D U-Net.
+"""Building blocks of the 3D U-Net.
 
-Every convolution here is unpadded, so a block shrinks its input: a
-:class:`ConvBlock` removes 2 voxels per side. Feature maps of different sizes
+The paper's convolutions are unpadded ("valid"), so a block shrinks its input:
+a :class:`ConvBlock` removes 2 voxels per side; with ``padding=1`` ("same") it
+keeps the size. Feature maps of different sizes
 meet at the skip connections; they are aligned by cropping (or padding) around
 their common centre, which is what :func:`center_crop` and
 :func:`center_pad_or_crop` do.
@@ -71,44 +72,67 @@ def center_pad_or_crop(x: torch.Tensor, size: Sequence[int], value: float = 0.0)
     return center_crop(x, size)
 
 
-def conv_bn_relu(in_channels: int, out_channels: int, padding: int = 0) -> nn.Sequential:
-    """One 3×3×3 convolution + batch norm + ReLU.
+NORMALISATIONS = ("batch", "instance")
 
-    The convolution has no bias because the batch norm that follows has its own.
+
+def normalisation_layer(kind: str, channels: int) -> nn.Module:
+    """Batch norm, or instance norm with a learned affine map.
+
+    Batch norm is a fixed affine map at inference, so a voxel's output does not depend on the
+    tile it was computed in. Trained with batch size 1, though, its per-batch statistics are
+    per-patch statistics, and the running averages used at inference differ from every one of
+    them; instance norm uses per-patch statistics in training and inference alike, at the price
+    of tiles of the training size at inference (docs/interpretation.md).
+    """
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {kind!r}")
+
+
+def conv_bn_relu(in_channels: int, out_channels: int, padding: int = 0, normalisation: str = "batch") -> nn.Sequential:
+    """One 3×3×3 convolution + normalisation (batch norm by default) + ReLU.
+
+    The convolution has no bias because the normalisation that follows has its own.
 
     Args:
         in_channels: input feature channels.
         out_channels: output feature channels.
-        padding: 0 for the U-Net's valid convolution (shrinks each axis by 2).
+        padding: 0 for the U-Net's valid convolution (shrinks each axis by 2), 1 for same.
+        normalisation: ``"batch"`` or ``"instance"`` (:func:`normalisation_layer`).
     """
     return nn.Sequential(
         nn.Conv3d(in_channels, out_channels, kernel_size=3, padding=padding, bias=False),
-        nn.BatchNorm3d(out_channels),
+        normalisation_layer(normalisation, out_channels),
         nn.ReLU(inplace=True),
     )
 
 
 class ConvBlock(nn.Sequential):
-    """Two valid 3×3×3 convolutions, each followed by batch norm and ReLU.
+    """Two 3×3×3 convolutions (valid by default), each followed by normalisation and ReLU.
 
-    Batch norm rather than instance norm: in eval mode it is a fixed per-channel
-    affine map, so a voxel's output does not depend on which tile of a volume it
-    was computed in, which lets inference use large tiles exactly.
+    Batch norm by default: in eval mode it is a fixed per-channel affine map, so a
+    voxel's output does not depend on which tile of a volume it was computed in,
+    which lets inference use large tiles exactly.
 
     Args:
         in_channels: input feature channels.
         mid_channels: channels after the first convolution.
         out_channels: channels after the second convolution.
+        padding: 0 (valid) or 1 (same) for both convolutions.
+        normalisation: ``"batch"`` or ``"instance"``.
 
     Example:
         >>> ConvBlock(1, 8, 16)(torch.zeros(1, 1, 12, 12, 12)).shape
         torch.Size([1, 16, 8, 8, 8])
     """
 
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, padding: int = 0,
+                 normalisation: str = "batch"):
         super().__init__(
-            conv_bn_relu(in_channels, mid_channels),
-            conv_bn_relu(mid_channels, out_channels),
+            conv_bn_relu(in_channels, mid_channels, padding, normalisation),
+            conv_bn_relu(mid_channels, out_channels, padding, normalisation),
         )
         self.out_channels = out_channels
 
@@ -124,6 +148,8 @@ class UpBlock(nn.Module):
         in_channels: channels arriving from the level below.
         skip_channels: total channels of all skip maps concatenated at this level.
         out_channels: channels after both convolutions.
+        padding: 0 (valid) or 1 (same) for both convolutions.
+        normalisation: ``"batch"`` or ``"instance"``.
 
     Example:
         >>> up = UpBlock(in_channels=16, skip_channels=8, out_channels=8)
@@ -131,10 +157,11 @@ class UpBlock(nn.Module):
         torch.Size([1, 8, 8, 8, 8])
     """
 
-    def __init__(self, in_channels: int, skip_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int, padding: int = 0,
+                 normalisation: str = "batch"):
         super().__init__()
         self.up = nn.ConvTranspose3d(in_channels, in_channels, kernel_size=2, stride=2)
-        self.convs = ConvBlock(in_channels + skip_channels, out_channels, out_channels)
+        self.convs = ConvBlock(in_channels + skip_channels, out_channels, out_channels, padding, normalisation)
         self.out_channels = out_channels
 
     def forward(self, x: torch.Tensor, skips: Sequence[torch.Tensor]) -> torch.Tensor:

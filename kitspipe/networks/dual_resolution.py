@@ -32,7 +32,7 @@ from torch import nn
 
 from kitspipe.networks.blocks import ConvBlock, center_crop, center_pad_or_crop
 from kitspipe.networks.classification_head import TumourPresenceHead
-from kitspipe.networks.sizes import trace_sizes
+from kitspipe.networks.sizes import VALID, UNetBorders, trace_sizes
 from kitspipe.networks.unet3d import UNet3D
 
 MASK_JOINS = ("first_skip", "all_skips", "input")
@@ -103,6 +103,10 @@ class DualResolutionUNet(nn.Module):
         head_fc_widths: see :class:`TumourPresenceHead`.
         head_joint_widths: see :class:`TumourPresenceHead`.
         image_channels: channels of each input image.
+        high_borders: padding and output crop of the 1 mm U-Net and its mask branch.
+        low_borders: padding and output crop of the 4 mm U-Net.
+        normalisation: ``"batch"`` or ``"instance"`` in both U-Nets and the mask branch
+            (the classification head keeps batch norm: its maps are a few voxels wide).
 
     Example:
         >>> net = DualResolutionUNet(4, 4, 2, 2, high_input_size=(52,) * 3, low_input_size=(44,) * 3)
@@ -128,6 +132,9 @@ class DualResolutionUNet(nn.Module):
         head_fc_widths: Sequence[int] = (1024, 256, 128),
         head_joint_widths: Sequence[int] = (64, 32),
         image_channels: int = 1,
+        high_borders: UNetBorders = VALID,
+        low_borders: UNetBorders = VALID,
+        normalisation: str = "batch",
     ):
         super().__init__()
         if mask_join not in MASK_JOINS:
@@ -137,8 +144,8 @@ class DualResolutionUNet(nn.Module):
         if scale < 1:
             raise ValueError(f"scale must be a positive integer, got {scale}")
         # Fail at construction, naming the size, rather than deep inside a forward pass.
-        high_traces = [trace_sizes(s, high_depth) for s in high_input_size]
-        low_traces = [trace_sizes(s, low_depth) for s in low_input_size]
+        high_traces = [trace_sizes(s, high_depth, borders=high_borders) for s in high_input_size]
+        low_traces = [trace_sizes(s, low_depth, borders=low_borders) for s in low_input_size]
         self.high_input_size = tuple(high_input_size)
         self.low_input_size = tuple(low_input_size)
         self.high_output_size = tuple(t.output for t in high_traces)
@@ -147,17 +154,21 @@ class DualResolutionUNet(nn.Module):
         self.mask_join = mask_join
         self.mask_upsampling = mask_upsampling
 
-        self.low = UNet3D(image_channels, 1, low_base_filters, low_depth)
+        self.low = UNet3D(image_channels, 1, low_base_filters, low_depth, borders=low_borders,
+                          normalisation=normalisation)
         branch_filters = mask_branch_filters or high_base_filters
         if mask_join == "input":
             self.mask_branch: ConvBlock | None = None
-            self.high = UNet3D(2 * image_channels, 2, high_base_filters, high_depth)
+            self.high = UNet3D(2 * image_channels, 2, high_base_filters, high_depth, borders=high_borders,
+                               normalisation=normalisation)
         else:
-            self.mask_branch = ConvBlock(image_channels, branch_filters, branch_filters)
+            self.mask_branch = ConvBlock(image_channels, branch_filters, branch_filters, high_borders.conv_padding,
+                                         normalisation)
             levels = [0] if mask_join == "first_skip" else list(range(high_depth))
             self.high = UNet3D(
                 image_channels, 2, high_base_filters, high_depth,
-                extra_skip_channels={level: branch_filters for level in levels},
+                extra_skip_channels={level: branch_filters for level in levels}, borders=high_borders,
+                normalisation=normalisation,
             )
         self.branch_pool = nn.MaxPool3d(kernel_size=2, stride=2)
 
@@ -220,7 +231,7 @@ class DualResolutionUNet(nn.Module):
         """Branch features for each skip level that ``mask_join`` feeds."""
         skips = {0: features}
         if self.mask_join == "all_skips":
-            traces = [trace_sizes(int(s), self.high.depth) for s in spatial]
+            traces = [trace_sizes(int(s), self.high.depth, borders=self.high.borders) for s in spatial]
             for level in range(1, self.high.depth):
                 # Crop to the encoder's pre-pooling size first, so the branch is
                 # pooled on exactly the encoder's 2×2×2 grid at every depth.

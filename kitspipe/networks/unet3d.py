@@ -1,9 +1,10 @@
-"""The original 3D U-Net (Çiçek et al. 2016) with valid convolutions.
+"""The original 3D U-Net (Çiçek et al. 2016), with valid convolutions by default.
 
 Both sub-networks of the paper are this network: the 4 mm net with 16 base
 filters, the 1 mm net with 32. The output is smaller than the input by
 :func:`kitspipe.networks.sizes.margin` voxels on every side; use
-:mod:`kitspipe.networks.sizes` to pick input sizes.
+:mod:`kitspipe.networks.sizes` to pick input sizes. A plan may choose
+same-padded convolutions instead (:class:`~kitspipe.networks.sizes.UNetBorders`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from kitspipe.networks.blocks import ConvBlock, UpBlock
-from kitspipe.networks.sizes import trace_sizes
+from kitspipe.networks.blocks import ConvBlock, UpBlock, center_crop
+from kitspipe.networks.sizes import VALID, UNetBorders, trace_sizes
 
 
 class UNetOutput(NamedTuple):
@@ -31,7 +32,7 @@ class UNetOutput(NamedTuple):
 
 
 class UNet3D(nn.Module):
-    """Valid-convolution 3D U-Net with batch norm.
+    """3D U-Net with batch norm, valid (default) or same-padded convolutions.
 
     Channel widths follow the original paper. With ``base_filters=32`` and
     ``depth=3`` the encoder levels produce 32/64, 64/128 and 128/256 channels,
@@ -50,6 +51,8 @@ class UNet3D(nn.Module):
         extra_skip_channels: ``{level: channels}`` of feature maps that
             :meth:`forward` will receive in ``extra_skips`` and concatenate to
             that level's skip connection.
+        borders: convolution padding and the crop of the last decoder map.
+        normalisation: ``"batch"`` (default) or ``"instance"`` after every convolution.
 
     Example:
         >>> net = UNet3D(in_channels=1, num_classes=2, base_filters=4, depth=2)
@@ -65,6 +68,8 @@ class UNet3D(nn.Module):
         base_filters: int = 32,
         depth: int = 3,
         extra_skip_channels: dict[int, int] | None = None,
+        borders: UNetBorders = VALID,
+        normalisation: str = "batch",
     ):
         super().__init__()
         if depth < 1:
@@ -78,15 +83,17 @@ class UNet3D(nn.Module):
             )
         self.depth = depth
         self.extra_skip_channels = extra
+        self.borders = borders
+        padding = borders.conv_padding
 
         self.encoder = nn.ModuleList()
         channels = in_channels
         for level in range(depth):
-            block = ConvBlock(channels, base_filters * 2**level, base_filters * 2 ** (level + 1))
+            block = ConvBlock(channels, base_filters * 2**level, base_filters * 2 ** (level + 1), padding, normalisation)
             self.encoder.append(block)
             channels = block.out_channels
         self.pool = nn.MaxPool3d(kernel_size=2, stride=2)
-        self.bottom = ConvBlock(channels, base_filters * 2**depth, base_filters * 2 ** (depth + 1))
+        self.bottom = ConvBlock(channels, base_filters * 2**depth, base_filters * 2 ** (depth + 1), padding, normalisation)
         self.bottleneck_channels = self.bottom.out_channels
 
         # Built deepest level first, the order in which forward() runs them.
@@ -94,7 +101,7 @@ class UNet3D(nn.Module):
         channels = self.bottleneck_channels
         for level in reversed(range(depth)):
             skip = self.encoder[level].out_channels + extra.get(level, 0)
-            block = UpBlock(channels, skip, base_filters * 2 ** (level + 1))
+            block = UpBlock(channels, skip, base_filters * 2 ** (level + 1), padding, normalisation)
             self.decoder.append(block)
             channels = block.out_channels
         self.head = nn.Conv3d(channels, num_classes, kernel_size=1)
@@ -124,7 +131,7 @@ class UNet3D(nn.Module):
         """
         for edge in x.shape[2:]:
             # Raises with the offending size; max-pooling would silently drop a voxel.
-            trace_sizes(int(edge), self.depth)
+            trace_sizes(int(edge), self.depth, borders=self.borders)
         extra_skips = extra_skips or {}
         if set(extra_skips) != set(self.extra_skip_channels):
             raise ValueError(
@@ -143,4 +150,7 @@ class UNet3D(nn.Module):
             if level in extra_skips:
                 level_skips.append(extra_skips[level])
             x = block(x, level_skips)
+        crop = self.borders.output_crop
+        if crop:
+            x = center_crop(x, [n - 2 * crop for n in x.shape[2:]])
         return UNetOutput(logits=self.head(x), bottleneck=bottleneck)

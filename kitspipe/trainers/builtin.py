@@ -23,7 +23,8 @@ def build_dual_network(plans) -> DualResolutionUNet:
         high_input_size=plans.high.input_patch, low_input_size=plans.low.input_patch,
         mask_join=n.mask_join, mask_upsampling=n.mask_upsampling, mask_branch_filters=n.mask_branch_filters,
         classification=n.classification_head, head_conv_filters=n.head_conv_filters,
-        head_fc_widths=n.head_fc, head_joint_widths=n.head_fc_after_volume)
+        head_fc_widths=n.head_fc, head_joint_widths=n.head_fc_after_volume,
+        high_borders=plans.high.borders, low_borders=plans.low.borders, normalisation=n.normalisation)
 
 
 def dual_targets(batch: dict[str, torch.Tensor]) -> DualTargets:
@@ -129,7 +130,8 @@ class UNet3DTrainer(Trainer):
     """The baseline: a single 3D U-Net on the high-resolution patch, 0.2 Dice + 0.8 top-k BCE."""
 
     def build_network(self) -> nn.Module:
-        return UNet3D(1, 2, self.plans.high.base_filters, self.plans.high.depth)
+        return UNet3D(1, 2, self.plans.high.base_filters, self.plans.high.depth, borders=self.plans.high.borders,
+                      normalisation=self.plans.network.normalisation)
 
     def build_loss(self) -> nn.Module:
         loss = self.plans.loss

@@ -12,6 +12,7 @@ states are restored.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from kitspipe.trainers.base import Phase, Trainer
 from kitspipe.training.checkpoint import save_checkpoint
 from kitspipe.training.history import plot_progress, write_log
 from kitspipe.training.state import TrainingState, rng_state
+from kitspipe.training.weight_average import WeightAverage
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,7 @@ class RunContext:
     validation_cases: list
     rank: int = 0
     progress: bool = True
+    weight_average: WeightAverage | None = None  # validated, saved as "model" and inferred in place of the weights
 
 
 def _learning_rate(plans: Plans, epoch_in_phase: int) -> float:
@@ -57,6 +60,10 @@ def save_state(context: RunContext, network: nn.Module, optimiser: torch.optim.O
         return
     core = unwrap(network)  # plain keys whether the network is data-parallel, compiled or neither
     tensors = {"model": core.state_dict(), "optimiser": optimiser.state_dict(), "rng": rng_state()}
+    if context.weight_average is not None:
+        # "model" is what inference loads; the weights that training continues from sit beside it.
+        tensors.update(model=context.weight_average.state_dict(), training_model=core.state_dict(),
+                       weight_average_updates=context.weight_average.updates)
     save_checkpoint(context.folder, tag, tensors, {**context.metadata, "state": state.to_json()})
 
 
@@ -76,7 +83,10 @@ def _past(deadline: float | None) -> bool:
 
 
 def validate(trainer: Trainer, network: nn.Module, phase: Phase, context: RunContext) -> dict[str, float]:
-    per_case = [trainer.validation_metrics(network, case, phase, context.device) for case in context.validation_cases]
+    average = context.weight_average
+    with average.applied(unwrap(network)) if average is not None else contextlib.nullcontext():
+        per_case = [trainer.validation_metrics(network, case, phase, context.device)
+                    for case in context.validation_cases]
     return trainer.summarise(per_case)
 
 
@@ -113,6 +123,8 @@ def run_epoch(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, optimise
             else:
                 terms.total.backward()
                 optimiser.step()
+                if context.weight_average is not None:
+                    context.weight_average.update(unwrap(network))
                 for key, value in (("loss_total", terms.total), ("loss_high", terms.high), ("loss_low", terms.low),
                                    ("loss_classification", terms.classification)):
                     sums[key] += float(value.detach())

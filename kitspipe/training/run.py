@@ -31,6 +31,7 @@ from kitspipe.training.identity import determinism, refuse_changed_run, resume_i
 from kitspipe.training.loop import RunContext, fit
 from kitspipe.training.splits import fold_cases, load_or_create_splits
 from kitspipe.training.state import TrainingState, seed_everything, set_rng_state
+from kitspipe.training.weight_average import WeightAverage
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +158,15 @@ def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resum
     loss_fn = trainer.build_loss().to(target)
     optimiser_state = None
     if tensors is not None:
-        network.load_state_dict(tensors["model"])
+        # With weight averaging, "model" holds the average and "training_model" the weights.
+        network.load_state_dict(tensors.get("training_model", tensors["model"]))
         optimiser_state = tensors["optimiser"]
         set_rng_state(tensors["rng"])
+    weight_average = None
+    if plans.training.weight_average_decay is not None:
+        weight_average = WeightAverage(network, plans.training.weight_average_decay)
+        if tensors is not None and "training_model" in tensors:
+            weight_average.load(tensors["model"], tensors["weight_average_updates"])
     network = set_memory_format(network, plans.training.channels_last, target)
     if world > 1:
         network = torch.nn.parallel.DistributedDataParallel(network, find_unused_parameters=True)
@@ -179,7 +186,8 @@ def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resum
         metadata={"trainer": trainer_cls.__name__, "fold": fold, **identity, "determinism": reproducible},
         deadline=(time.monotonic() + 60 * plans.training.max_minutes) if plans.training.max_minutes else None,
         make_batches=_batch_factory(open_cases(preprocessed, split["train"]), plans, rank, world),
-        validation_cases=open_cases(preprocessed, split["validation"]), rank=rank, progress=progress)
+        validation_cases=open_cases(preprocessed, split["validation"]), rank=rank, progress=progress,
+        weight_average=weight_average)
     state = fit(trainer, network, loss_fn, state, context, optimiser_state)
     log.info("fold %d %s: %s", fold, "finished" if state.finished else "stopped", state.stop_reason)
     return folder
