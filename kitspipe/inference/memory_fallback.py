@@ -7,9 +7,10 @@ tile fail with ``torch.cuda.OutOfMemoryError``, which would otherwise end an inf
 hundreds of cases on one unlucky case. The tile budget is then halved until the tiles are
 the training patch, which is known to fit since the network trained on it, and last the
 ``paper`` mode's training-size tiles are tried; every step is logged. Smaller tiles repeat
-the valid-convolution margin more often, so they cost time, not accuracy: for a plain
-U-Net every mode gives the same voxels, and for the dual network ``paper`` mode is the
-training-time tiling (docs/inference.md).
+the valid-convolution margin more often, so with batch norm they cost time, not accuracy: for
+a plain U-Net every mode gives the same voxels, and for the dual network ``paper`` mode is the
+training-time tiling (docs/inference.md). With instance norm a tile's statistics change with
+its size, so only the last step, training-size tiles, is exact.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import torch
 from kitspipe import __version__
 from kitspipe.errors import KitspipeError, Problem
 from kitspipe.plans import Plans
+from kitspipe.schema import from_dict
 
 # Fields listed in a refusal before it says "and N more": the line stays readable.
 MAX_LISTED = 6
@@ -48,11 +49,26 @@ def changed_fields(old: object, new: object, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix or '(plan)'}: {old!r} -> {new!r}"]
 
 
+def _with_defaults(stored: object) -> dict | None:
+    """A stored plan with the fields added to kitspipe since then at their defaults, or None.
+
+    Every new plan field defaults to the behaviour from before it existed, so a run started
+    then is the same run under the filled-in plan and may be resumed.
+    """
+    try:
+        return stable_plan(from_dict(Plans, stored, "checkpoint plan")).to_json_dict()
+    except (KitspipeError, TypeError, ValueError):
+        return None
+
+
 def refuse_changed_run(metadata: dict, identity: dict, folder: Path) -> None:
     """Raise one line naming what changed since the run in ``folder`` started, if anything did."""
     changes = []
-    if metadata.get("plans_sha256") != identity["plans_sha256"]:
-        if isinstance(metadata.get("plans"), dict):
+    stored = _with_defaults(metadata.get("plans")) if isinstance(metadata.get("plans"), dict) else None
+    if metadata.get("plans_sha256") != identity["plans_sha256"] and stored != identity["plans"]:
+        if stored is not None:
+            changes += changed_fields(stored, identity["plans"])
+        elif isinstance(metadata.get("plans"), dict):
             changes += changed_fields(metadata["plans"], identity["plans"])
         if not changes:  # a checkpoint from before plans were stored: only the hashes can be shown
             changes.append(f"plans_sha256: {str(metadata.get('plans_sha256'))[:12]} -> {identity['plans_sha256'][:12]}")

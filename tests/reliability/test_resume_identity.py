@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kitspipe.errors import KitspipeError
-from kitspipe.training.identity import changed_fields, determinism
+from kitspipe.training.identity import changed_fields, determinism, refuse_changed_run, resume_identity
 from kitspipe.training.run import train_fold
 
 
@@ -68,6 +68,27 @@ def test_item_31_field_diff_lists_every_changed_leaf():
     old = {"a": {"b": 1, "c": [1, 2]}, "d": "x"}
     new = {"a": {"b": 1, "c": [1, 3]}, "e": 2}
     assert changed_fields(old, new) == ["a.c: [1, 2] -> [1, 3]", "d: 'x' -> '(absent)'", "e: '(absent)' -> 2"]
+
+
+def test_item_31_a_run_from_before_new_plan_fields_may_resume(tmp_path):
+    """Fields added to the plan since a run started default to the old behaviour, so their
+    absence from the stored plan is no change; a real change is still named."""
+    from dataclasses import replace
+
+    from kitspipe.plans import load_preset
+
+    plans = load_preset("paper")
+    identity = resume_identity(plans, "data")
+    stored = json.loads(json.dumps(identity["plans"]))
+    for section, key in (("network", "normalisation"), ("training", "weight_average_decay"),
+                         ("inference", "checkpoint"), ("high", "padding"), ("high", "output_crop")):
+        del stored[section][key]
+    old_run = {"plans_sha256": "written-by-an-older-kitspipe", "plans": stored,
+               "preprocessing_sha256": "data", "kitspipe_version": identity["kitspipe_version"]}
+    refuse_changed_run(old_run, identity, tmp_path)
+    changed = resume_identity(replace(plans, network=replace(plans.network, normalisation="instance")), "data")
+    with pytest.raises(KitspipeError, match="network.normalisation: 'batch' -> 'instance'"):
+        refuse_changed_run(old_run, changed, tmp_path)
 
 
 def test_item_48_non_deterministic_runs_are_labelled(monkeypatch):
