@@ -106,10 +106,8 @@ def fast_mode_flops(plans, high_shape: tuple[int, ...], low_shape: tuple[int, ..
     from kitspipe.inference.predictor import _tiles_for
     from kitspipe.networks.sizes import unet_forward_flops
 
-    high_tiles, high_in = _tiles_for("fast", high_shape, plans.high.depth, plans.high.input_patch,
-                                     plans.high.output_patch, plans, borders=plans.high.borders)
-    low_tiles, low_in = _tiles_for("fast", low_shape, plans.low.depth, plans.low.input_patch,
-                                   plans.low.output_patch, plans, borders=plans.low.borders)
+    high_tiles, high_in = _tiles_for("fast", high_shape, plans.high, plans)
+    low_tiles, low_in = _tiles_for("fast", low_shape, plans.low, plans)
     per_low_tile = unet_forward_flops(low_in, 1, plans.low.base_filters, plans.low.depth, 1,
                                       borders=plans.low.borders)
     return len(high_tiles) * high_tile_flops(plans, high_in) + len(low_tiles) * per_low_tile

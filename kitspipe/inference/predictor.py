@@ -32,9 +32,9 @@ from kitspipe.devices import autocast, autocast_dtype, unwrap
 from kitspipe.inference.tile_budget import tile_voxels_for_memory
 from kitspipe.inference.tiling import (Tile, TileStitcher, extract_input, fast_input_tile, plan_tiles,
                                        pooling_aligned_stride, predict_tiled)
-from kitspipe.networks.sizes import VALID, UNetBorders, output_size
+from kitspipe.networks.sizes import output_size
 from kitspipe.networks.dual_resolution import DualResolutionUNet
-from kitspipe.plans import Plans
+from kitspipe.plans import Plans, ResolutionPlan
 
 log = logging.getLogger(__name__)
 
@@ -118,26 +118,27 @@ def _high_branch_channels(plans: Plans) -> int:
     return plans.network.mask_branch_filters or plans.high.base_filters
 
 
-def _tiles_for(mode: str, shape, depth: int, train_in, train_out, plans: Plans,
-               max_voxels: int | None = None, borders: UNetBorders = VALID) -> tuple[list[Tile], tuple]:
+def _tiles_for(mode: str, shape, branch: ResolutionPlan, plans: Plans,
+               max_voxels: int | None = None) -> tuple[list[Tile], tuple]:
     """Tiles whose inputs all start on one pooling grid, so both modes give identical voxels.
 
     Args:
+        branch: ``plans.high`` or ``plans.low``: the U-Net's depth, borders and training patch.
         max_voxels: fast mode's tile budget (default: ``inference.max_tile_voxels``).
     """
+    depth, borders = branch.depth, branch.borders
     if mode == "paper":
-        tile_in, tile_out = tuple(train_in), tuple(train_out)
+        tile_in, tile_out = tuple(branch.input_patch), tuple(branch.output_patch)
     else:
-        tile_in = fast_input_tile(shape, depth, max_voxels or plans.inference.max_tile_voxels, min_input=train_in,
-                                  borders=borders)
+        tile_in = fast_input_tile(shape, depth, max_voxels or plans.inference.max_tile_voxels,
+                                  min_input=branch.input_patch, borders=borders)
         tile_out = tuple(output_size(s, depth, borders=borders) for s in tile_in)
     return plan_tiles(shape, tile_out, tile_in, stride=pooling_aligned_stride(tile_out, depth)), tile_in
 
 
 def _single(model: nn.Module, high_image: np.ndarray, plans: Plans, mode: str, device, progress) -> np.ndarray:
     budget = fast_tile_voxels(plans, device, plans.high.base_filters)
-    tiles, tile_in = _tiles_for(mode, high_image.shape, plans.high.depth, plans.high.input_patch,
-                                plans.high.output_patch, plans, budget, plans.high.borders)
+    tiles, tile_in = _tiles_for(mode, high_image.shape, plans.high, plans, budget)
 
     def run(patch: np.ndarray) -> np.ndarray:
         return torch.sigmoid(_run(model, device, patch).logits.float())[0].cpu().numpy()
@@ -147,8 +148,7 @@ def _single(model: nn.Module, high_image: np.ndarray, plans: Plans, mode: str, d
 
 def _low_probability(model: DualResolutionUNet, low_image: np.ndarray, plans: Plans, device, progress) -> np.ndarray:
     budget = fast_tile_voxels(plans, device, plans.low.base_filters)
-    tiles, tile_in = _tiles_for("fast", low_image.shape, plans.low.depth, plans.low.input_patch,
-                                plans.low.output_patch, plans, budget, plans.low.borders)
+    tiles, tile_in = _tiles_for("fast", low_image.shape, plans.low, plans, budget)
 
     def run(patch: np.ndarray) -> np.ndarray:
         return torch.sigmoid(_run(model.low_forward, device, patch).float())[0].cpu().numpy()
@@ -166,8 +166,7 @@ def _dual_fast(model: DualResolutionUNet, high_image, low_image, plans: Plans, d
     low_probability = _low_probability(model, low_image, plans, device, progress)
     mask = _upsample(model, low_probability, high_image.shape, device)
     budget = fast_tile_voxels(plans, device, plans.high.base_filters, _high_branch_channels(plans))
-    tiles, tile_in = _tiles_for("fast", high_image.shape, plans.high.depth, plans.high.input_patch,
-                                plans.high.output_patch, plans, budget, plans.high.borders)
+    tiles, tile_in = _tiles_for("fast", high_image.shape, plans.high, plans, budget)
 
     def run(patch: np.ndarray) -> np.ndarray:
         image, tile_mask = patch[:1], patch[1:]
