@@ -152,6 +152,7 @@ class TrainingPlan:
     steps_per_epoch: int = 250
     max_epochs: int = 100
     patience: int = 10
+    validation_interval: int = 1
     validation_fraction: float = 0.2
     low_resolution_pretraining: bool = True
     pretraining_dice_threshold: float = 0.9
@@ -176,7 +177,7 @@ class TrainingPlan:
             raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
         if self.weight_average_decay is not None and not 0 <= self.weight_average_decay < 1:
             raise ValueError(f"weight_average_decay: must be within [0, 1) or null, got {self.weight_average_decay}")
-        for name in ("batch_size", "steps_per_epoch", "max_epochs", "patience"):
+        for name in ("batch_size", "steps_per_epoch", "max_epochs", "patience", "validation_interval"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
@@ -189,6 +190,7 @@ class PostprocessingPlan:
     low_resolution_mask: bool = True
     low_resolution_dilation_mm: float = 10.0
     low_resolution_mask_first: bool = True
+    min_tumour_volume_ml: float = 0.0
 
 
 @dataclass(frozen=True)

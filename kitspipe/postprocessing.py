@@ -47,6 +47,8 @@ class PostprocessingSettings:
             rather than last. The paper lists it last; applied last, a spurious blob larger
             than the real kidney on the same side wins "keep the largest" and the mask then
             removes it, losing that kidney altogether (docs/interpretation.md).
+        min_tumour_volume_ml: drop tumour components smaller than this (0: keep all; not in
+            the paper). A dropped component stays kidney where the kidney channel covers it.
     """
 
     threshold: float = 0.5
@@ -55,6 +57,7 @@ class PostprocessingSettings:
     low_resolution_mask: bool = True
     low_resolution_dilation_mm: float = 10.0
     low_resolution_mask_first: bool = True
+    min_tumour_volume_ml: float = 0.0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -68,6 +71,8 @@ class PostprocessingSettings:
         dilation = self.low_resolution_dilation_mm
         if not (math.isfinite(dilation) and dilation >= 0):
             raise PlanError(f"postprocessing: low_resolution_dilation_mm must be >= 0, got {dilation}")
+        if not (math.isfinite(self.min_tumour_volume_ml) and self.min_tumour_volume_ml >= 0):
+            raise PlanError(f"postprocessing: min_tumour_volume_ml must be >= 0, got {self.min_tumour_volume_ml}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -147,6 +152,26 @@ def drop_unconnected_tumour(tumour_mask: np.ndarray, kidney_mask: np.ndarray) ->
     return kept[labels]
 
 
+def drop_small_components(mask: np.ndarray, min_volume_ml: float, spacing: Sequence[float]) -> np.ndarray:
+    """Remove the components (26-connected) whose volume is below ``min_volume_ml``.
+
+    Example (one row, 1 mm voxels, 0.002 ml)::
+
+        [1 1 1 0 1 1 0 1]  ->  [1 1 1 0 1 1 0 0]
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if min_volume_ml <= 0:
+        return mask.copy()
+    labels, n = _components(mask)
+    if n == 0:
+        return mask.copy()
+    voxel_ml = float(np.prod([float(s) for s in spacing])) / 1000.0
+    sizes_ml = np.bincount(labels.ravel(), minlength=n + 1) * voxel_ml
+    kept = sizes_ml >= min_volume_ml
+    kept[0] = False
+    return kept[labels]
+
+
 def dilate_mm(mask: np.ndarray, radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
     """Voxels whose centre lies within ``radius_mm`` (Euclidean, inclusive) of a mask voxel.
 
@@ -205,6 +230,7 @@ def postprocess(
     3. ``keep_largest_kidney_per_side``: K = largest component of K on each side of the
        midline (centre of the x axis);
     4. ``drop_unconnected_tumour``: T = components of T that overlap or touch K;
+       ``min_tumour_volume_ml``: T = components of T at least that large;
     5. region R = K ∪ T, so a kept tumour is always inside the kidney ∪ tumour region;
     6. ``low_resolution_mask`` in the paper's place instead (``low_resolution_mask_first``
        off): R = R ∧ L, T = T ∧ L;
@@ -243,6 +269,7 @@ def postprocess(
         kidney = keep_largest_kidney_per_side(kidney)
     if settings.drop_unconnected_tumour:
         tumour = drop_unconnected_tumour(tumour, kidney)
+    tumour = drop_small_components(tumour, settings.min_tumour_volume_ml, spacing)
     region = kidney | tumour
     if allowed is not None and not settings.low_resolution_mask_first:
         region, tumour = region & allowed, tumour & allowed

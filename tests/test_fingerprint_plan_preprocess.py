@@ -14,7 +14,7 @@ from kitspipe.imageio import read_volume
 from kitspipe.networks.sizes import output_size
 from kitspipe.planning import plan_from_fingerprint, run_plan
 from kitspipe.plans import load_plans, load_preset
-from kitspipe.preprocessing import ARRAY_NAMES, run_preprocess
+from kitspipe.preprocessing import run_preprocess
 
 
 @pytest.fixture
@@ -63,7 +63,8 @@ def test_fingerprint_independent_of_listing_order(tiny_dataset, tmp_path):
 def test_planner_patch_sizes_are_valid(planned_work):
     plans = load_plans(planned_work / "plans.json")
     for branch in (plans.high, plans.low):
-        assert branch.output_patch == tuple(output_size(s, branch.depth) for s in branch.input_patch)
+        assert branch.output_patch == tuple(output_size(s, branch.depth, borders=branch.borders)
+                                            for s in branch.input_patch)
     # cpu preset: the low-resolution output spans the whole high-resolution input.
     assert plans.low.output_patch[0] * plans.low.spacing_mm[0] >= plans.high.input_patch[0] * plans.high.spacing_mm[0]
     assert plans.intensity.std > 0 and -500 <= plans.intensity.mean <= 400

@@ -9,7 +9,7 @@ import SimpleITK as sitk
 import torch
 
 from kitspipe.geometry import Geometry
-from kitspipe.imageio import read_volume, to_canonical
+from kitspipe.imageio import to_canonical
 from kitspipe.inference.export import labels_from_probabilities, to_source_grid, write_prediction
 from kitspipe.inference.predictor import predict_volume
 from kitspipe.metrics import dice
@@ -28,11 +28,12 @@ def _plans(depth=2, high_in=64, low_in=56, tile_voxels=300_000, high_spacing=2.0
     from kitspipe.networks.sizes import output_size
 
     plans = replace(plans,
+                    # Valid convolutions, whatever the preset pads: these sizes are valid-network sizes.
                     high=replace(plans.high, spacing_mm=(high_spacing,) * 3, base_filters=4, depth=depth,
-                                 input_patch=(high_in,) * 3,
+                                 padding="valid", output_crop=0, input_patch=(high_in,) * 3,
                                  output_patch=(output_size(high_in, depth),) * 3),
                     low=replace(plans.low, spacing_mm=(4 * high_spacing,) * 3, base_filters=4, depth=depth,
-                                input_patch=(low_in,) * 3,
+                                padding="valid", output_crop=0, input_patch=(low_in,) * 3,
                                 output_patch=(output_size(low_in, depth),) * 3),
                     intensity=replace(plans.intensity, mean=50.0, std=100.0),
                     # Batch norm: a fixed map at inference, so the tiling modes are comparable.

@@ -11,6 +11,7 @@ from kitspipe.postprocessing import (
     PostprocessingSettings,
     binarize,
     dilate_mm,
+    drop_small_components,
     drop_unconnected_tumour,
     keep_largest_kidney_per_side,
     mask_with_low_resolution,
@@ -209,6 +210,7 @@ def test_settings_round_trip_and_validation():
         dict(threshold=1.0),
         dict(low_resolution_dilation_mm=-1.0),
         dict(drop_unconnected_tumour="yes"),
+        dict(min_tumour_volume_ml=-0.5),
     ]:
         with pytest.raises(PlanError):
             PostprocessingSettings(**bad)
@@ -220,6 +222,8 @@ def test_functions_return_new_arrays():
         keep_largest_kidney_per_side(mask),
         drop_unconnected_tumour(mask, mask),
         dilate_mm(mask, 0.0, (1, 1, 1)),
+        drop_small_components(mask, 0.0, (1, 1, 1)),
+        drop_small_components(mask, 0.1, (1, 1, 1)),
     ]
     for result in results:
         assert result is not mask and not np.shares_memory(result, mask)
@@ -243,3 +247,23 @@ def test_low_resolution_mask_first_saves_a_kidney_beaten_by_a_larger_false_blob(
     assert bool(labels[RIGHT_KIDNEY].all()) is mask_first
     if not mask_first:
         assert not labels[RIGHT_KIDNEY].any()
+
+
+def test_small_components_are_dropped_by_physical_volume():
+    big, small = box((1, 4), (1, 4), (1, 4)), box((1, 3), (8, 10), (30, 32))  # 27 and 8 voxels
+    mask = big | small
+    # 2 × 1 × 1 mm voxels: 54 and 16 mm³.
+    assert np.array_equal(drop_small_components(mask, 0.02, (2.0, 1.0, 1.0)), big)
+    assert np.array_equal(drop_small_components(mask, 0.016, (2.0, 1.0, 1.0)), mask)
+    assert not drop_small_components(mask, 0.06, (2.0, 1.0, 1.0)).any()
+
+
+def test_min_tumour_volume_turns_a_small_tumour_inside_the_kidney_into_kidney():
+    probabilities = np.full((2, *SHAPE), 0.1, dtype=np.float32)
+    probabilities[0][RIGHT_KIDNEY | LEFT_KIDNEY] = 0.9
+    large, small = box((3, 7), (4, 8), (5, 9)), box((4, 6), (5, 7), (30, 32))  # 64 and 8 voxels
+    probabilities[1][large | small] = 0.9
+    settings_ = PostprocessingSettings(low_resolution_mask=False, min_tumour_volume_ml=0.01)
+    labels = postprocess(probabilities, (1.0, 1.0, 1.0), settings_)
+    assert np.all(labels[large] == 2) and np.all(labels[small] == 1)
+    assert np.array_equal(labels > 0, RIGHT_KIDNEY | LEFT_KIDNEY)

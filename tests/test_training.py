@@ -1,7 +1,6 @@
 """Training on tiny data: resume exactness, resume policy, plugin trainers, safe checkpoints."""
 
 import json
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +49,22 @@ def test_resume_equals_uninterrupted_run(tiny_work, tmp_path, weight_average_dec
     assert (straight / "progress.png").stat().st_size > 1000
     metadata = json.loads((straight / "checkpoint_latest.json").read_text())
     assert metadata["state"]["finished"] and metadata["trainer"] == "DualResolutionTrainer"
+
+
+def test_validation_interval_skips_epochs_between(tiny_work):
+    import csv
+
+    plans = json.loads((tiny_work / "plans.json").read_text())
+    plans["training"].update(validation_interval=2, pretraining_max_epochs=3)
+    (tiny_work / "plans.json").write_text(json.dumps(plans))
+    folder = train_fold(tiny_work, 0, epochs=4, progress=False)
+    rows = list(csv.DictReader((folder / "training_log.csv").open()))
+    validated = [(row["phase"], any(row[key] != "" for key in row if key.startswith("val_"))) for row in rows]
+    # Epochs 2 and 3 of the 3-epoch pre-training (3 is its last), 2 and 4 of the full phase.
+    assert validated == [("low", False), ("low", True), ("low", True),
+                         ("full", False), ("full", True), ("full", False), ("full", True)]
+    assert all(float(row["seconds_validation"]) == 0 for row, (_, done) in zip(rows, validated) if not done)
+    assert (folder / "progress.png").stat().st_size > 1000
 
 
 def test_resume_policy(tiny_work, caplog):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,12 +56,10 @@ def load_fold_model(work: Path, fold: int, plans: Plans, trainer_name: str, devi
 
 def postprocessing_settings(plans: Plans, enabled: bool = True) -> PostprocessingSettings:
     p = plans.postprocessing
-    settings = PostprocessingSettings(p.threshold, p.keep_largest_kidney_per_side, p.drop_unconnected_tumour,
-                                      p.low_resolution_mask, p.low_resolution_dilation_mm,
-                                      p.low_resolution_mask_first)
+    settings = PostprocessingSettings(**asdict(p))
     if not enabled:
-        settings = PostprocessingSettings(p.threshold, False, False, False, p.low_resolution_dilation_mm,
-                                          p.low_resolution_mask_first)
+        settings = replace(settings, keep_largest_kidney_per_side=False, drop_unconnected_tumour=False,
+                           low_resolution_mask=False, min_tumour_volume_ml=0.0)
     return settings
 
 

@@ -44,10 +44,10 @@ def plot_progress(path: Path, rows: list[dict]) -> None:
     if loss_ax.lines:
         loss_ax.legend()
     for key, label in (("val_kidney_dice", "kidney"), ("val_tumour_dice", "tumour"), ("val_low_dice", "low-res")):
-        values = [r.get(key) for r in rows]
-        if any(v not in (None, "") for v in values):
-            dice_ax.plot(x, [float(v) if v not in (None, "") else float("nan") for v in values], marker="o",
-                         ms=3, label=label)
+        # Epochs without validation (training.validation_interval) are left out, not drawn as gaps.
+        points = [(i, float(r[key])) for i, r in zip(x, rows) if r.get(key) not in (None, "")]
+        if points:
+            dice_ax.plot(*zip(*points), marker="o", ms=3, label=label)
     phase_changes = [i + 1 for i in range(1, len(rows)) if rows[i]["phase"] != rows[i - 1]["phase"]]
     for ax in (loss_ax, dice_ax):
         for change in phase_changes:

@@ -2,7 +2,8 @@
 
 Per phase: a fresh Adam optimiser over the phase's trainable parameters, learning rate
 ``learning_rate · lr_decay_per_epoch ** epoch_in_phase`` (paper: 1e-4, ×0.9 per epoch),
-``steps_per_epoch`` optimiser steps on sampled patch pairs, then validation on whole cases,
+``steps_per_epoch`` optimiser steps on sampled patch pairs, then validation on whole cases
+(every ``validation_interval``-th epoch),
 the best checkpoint kept by the phase's score, and early stopping by ``patience`` or the
 phase's target score. ``checkpoint_latest`` is written after every epoch (and when a time
 budget stops an epoch midway), so a killed run loses at most one epoch, and resuming replays
@@ -168,9 +169,12 @@ def fit(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, state: Trainin
                          context.folder, state.global_epoch, state.step_in_epoch)
                 return state
             state.partial_epoch = {}
-            validation_started = time.perf_counter()
-            metrics = _agree(validate(trainer, network, phase, context) if context.rank == 0 else {})
-            row = _history_row(phase, state, sums, metrics, optimiser, time.perf_counter() - validation_started)
+            metrics, seconds_validation = {}, 0.0
+            if _validation_due(context.plans, phase, state):
+                validation_started = time.perf_counter()
+                metrics = _agree(validate(trainer, network, phase, context) if context.rank == 0 else {})
+                seconds_validation = time.perf_counter() - validation_started
+            row = _history_row(phase, state, sums, metrics, optimiser, seconds_validation)
             state.history.append(row)
             state.epoch_in_phase += 1
             state.global_epoch += 1
@@ -208,6 +212,16 @@ def fit(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, state: Trainin
                 save_state(context, network, optimiser, state)
                 return state
     return state
+
+
+def _validation_due(plans: Plans, phase: Phase, state: TrainingState) -> bool:
+    """Every ``validation_interval``-th epoch of a phase, and its last possible epoch.
+
+    Whole-case validation costs 15-20 s per epoch of the ``cpu`` preset (a fifth of the
+    epoch); epochs in between count towards patience like validated ones without improving.
+    """
+    completed = state.epoch_in_phase + 1
+    return completed % plans.training.validation_interval == 0 or completed >= phase.max_epochs
 
 
 def _phase_done(phase: Phase, state: TrainingState, score: float | None) -> tuple[bool, str]:
