@@ -67,6 +67,20 @@ def test_validation_interval_skips_epochs_between(tiny_work):
     assert (folder / "progress.png").stat().st_size > 1000
 
 
+def test_an_epoch_that_exhausts_patience_is_validated(tiny_work):
+    import csv
+
+    plans = json.loads((tiny_work / "plans.json").read_text())
+    plans["training"].update(validation_interval=5, patience=2)
+    (tiny_work / "plans.json").write_text(json.dumps(plans))
+    folder = train_fold(tiny_work, 0, epochs=4, progress=False)
+    rows = [row for row in csv.DictReader((folder / "training_log.csv").open()) if row["phase"] == "full"]
+    # Full epoch 2 could end the phase on patience (the first validation always improves),
+    # epoch 4 is the last; epochs 1 and 3 are skipped.
+    assert [row["val_score"] != "" for row in rows] == [False, True, False, True]
+    assert (folder / "checkpoint_best.pt").exists()
+
+
 def test_resume_policy(tiny_work, caplog):
     with pytest.raises(KitspipeError, match="nothing to resume"):
         train_fold(tiny_work, 1, resume=True, progress=False)
