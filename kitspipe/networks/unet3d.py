@@ -32,7 +32,7 @@ class UNetOutput(NamedTuple):
 
 
 class UNet3D(nn.Module):
-    """3D U-Net with batch norm, valid (default) or same-padded convolutions.
+    """3D U-Net with batch (default) or instance norm, valid (default) or same-padded convolutions.
 
     Channel widths follow the original paper. With ``base_filters=32`` and
     ``depth=3`` the encoder levels produce 32/64, 64/128 and 128/256 channels,
