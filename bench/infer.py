@@ -27,6 +27,13 @@ tiler) at the GFLOP/s measured on the crop. With ``--device cuda`` both
 modes run on the whole case unless ``--crop`` says otherwise (``--quick`` on CUDA: ``paper`` mode
 on a 100 mm crop, 343 tiles, ``fast`` mode on the whole case).
 
+A third mode, ``roi``, is ``fast`` mode with ``inference.restrict_to_low_resolution_mask``: the
+1 mm network runs only on the box that post-processing's low-resolution mask can keep. The
+untrained network's 4 mm output means nothing, so the box is the one kitspipe's
+``low_resolution_region`` gives for the reference kidneys and tumours (the fingerprint's
+foreground box), i.e. what a trained network that found them would cost. It always runs on the
+whole case, and its FLOPs/dense compares with one dense pass over the whole case.
+
 ``--amp`` runs the network under bf16 autocast through ``predict_volume(mixed_precision="bf16")``,
 as ``inference.mixed_precision`` does. A plain ``conv3d`` 32→32 on a 108³ input is measured on
 the same device in a child of its own (float32, and bf16 with ``--amp``), the ceiling for the
@@ -38,6 +45,7 @@ printed next to ``kitspipe.inference.tile_budget``'s estimate for fast mode's la
     python bench/infer.py --device cuda          # whole case, both modes
     python bench/infer.py --device cuda --amp --quick   # bf16; paper mode on a 100 mm crop
     python bench/infer.py --crop 64              # one crop size for both modes (mm, 0 = whole case)
+    python bench/infer.py --modes roi --amp      # the whole case, 1 mm network on the kidneys' box only
 """
 
 from __future__ import annotations
@@ -52,121 +60,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 import ceiling  # noqa: E402
 from benchlib import ChildResult, Summary, mib, summary_json, table  # noqa: E402
+from inference_flops import (count_flops, dense_flops_per_voxel, fast_mode_flops, mask_branch,  # noqa: E402
+                             paper_mode_tiles, spy_on_tile_plans)
 
 SCRIPT = Path(__file__).resolve()
-MODES = ("paper", "fast")
-HUGE_OUTPUT = 2**20  # an output edge so large that the margin of valid convolutions is negligible
-
-
-# ----------------------------------------------------------------------------- FLOPs
-
-def mask_branch(plans) -> tuple[dict[int, int] | None, int]:
-    """(extra skip channels of the 1 mm U-Net, filters of the mask branch; 0 = no branch)."""
-    filters = plans.network.mask_branch_filters or plans.high.base_filters
-    if plans.network.mask_join == "input":
-        return None, 0
-    levels = [0] if plans.network.mask_join == "first_skip" else list(range(plans.high.depth))
-    return {level: filters for level in levels}, filters
-
-
-def high_tile_flops(plans, tile_in: tuple[int, ...]) -> float:
-    """FLOPs of one 1 mm forward pass on an input tile: U-Net (``unet_forward_flops``) + mask branch."""
-    from kitspipe.networks.sizes import unet_forward_flops
-
-    extra, branch = mask_branch(plans)
-    channels = 2 if plans.network.mask_join == "input" else 1
-    unet = unet_forward_flops(tuple(tile_in), channels, plans.high.base_filters, plans.high.depth, 2, extra,
-                              borders=plans.high.borders)
-    # ConvBlock(1, b, b): two 3×3×3 convolutions on the masked image (each valid one shrinks by 2).
-    shrink = plans.high.borders.shrink_per_conv
-    branch_macs = (math.prod(s - shrink for s in tile_in) * branch
-                   + math.prod(s - 2 * shrink for s in tile_in) * branch * branch)
-    return unet + 2.0 * 27 * branch_macs
-
-
-def dense_flops_per_voxel(plans) -> tuple[float, float]:
-    """FLOPs per output voxel of one dense pass, (1 mm network incl. mask branch, 4 mm network).
-
-    The FLOPs of a huge tile divided by its output voxels converge to the cost of computing
-    each output voxel once (the valid-convolution margin becomes negligible).
-    """
-    from kitspipe.networks.sizes import input_size_for_output, output_size, unet_forward_flops
-
-    h, lo = plans.high, plans.low
-    size = input_size_for_output(HUGE_OUTPUT, h.depth, borders=h.borders)
-    high = high_tile_flops(plans, (size,) * 3) / float(output_size(size, h.depth, borders=h.borders)) ** 3
-    size = input_size_for_output(HUGE_OUTPUT, lo.depth, borders=lo.borders)
-    low = (unet_forward_flops((size,) * 3, 1, lo.base_filters, lo.depth, 1, borders=lo.borders)
-           / float(output_size(size, lo.depth, borders=lo.borders)) ** 3)
-    return high, low
-
-
-def fast_mode_flops(plans, high_shape: tuple[int, ...], low_shape: tuple[int, ...]) -> float:
-    """FLOPs of ``fast`` mode on arrays of these shapes, from kitspipe's own tile plan."""
-    from kitspipe.inference.predictor import _tiles_for
-    from kitspipe.networks.sizes import unet_forward_flops
-
-    high_tiles, high_in = _tiles_for("fast", high_shape, plans.high, plans)
-    low_tiles, low_in = _tiles_for("fast", low_shape, plans.low, plans)
-    per_low_tile = unet_forward_flops(low_in, 1, plans.low.base_filters, plans.low.depth, 1,
-                                      borders=plans.low.borders)
-    return len(high_tiles) * high_tile_flops(plans, high_in) + len(low_tiles) * per_low_tile
-
-
-def count_flops(network) -> dict[str, float]:
-    """Forward hooks on every convolution and linear layer, adding their FLOPs to the returned dict."""
-    import torch
-    from torch import nn
-
-    totals = {"flops": 0.0}
-
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-        if isinstance(module, nn.ConvTranspose3d):
-            flops = 2.0 * inputs[0].numel() * math.prod(module.kernel_size) * module.out_channels // module.groups
-        elif isinstance(module, nn.Conv3d):
-            flops = 2.0 * output.numel() * math.prod(module.kernel_size) * module.in_channels // module.groups
-        else:
-            flops = 2.0 * output.numel() * module.in_features
-        totals["flops"] += flops
-
-    for module in network.modules():
-        if isinstance(module, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
-            module.register_forward_hook(hook)
-    return totals
-
-
-def spy_on_tile_plans() -> list[dict[str, Any]]:
-    """Record every tile plan the predictor makes (arguments and tile count), changing nothing.
-
-    ``kitspipe.inference.predictor`` calls ``plan_tiles`` by its module-level name; wrapping
-    that name in this child process lets the parent re-plan the whole case with exactly the
-    tile sizes and stride kitspipe chose for the crop (paper mode's stride is decided inside
-    ``_dual_paper``), instead of copying that logic here.
-    """
-    import kitspipe.inference.predictor as predictor
-
-    calls: list[dict[str, Any]] = []
-    real = predictor.plan_tiles
-
-    def plan_tiles(volume_shape, output_tile, input_tile, stride=None):
-        tiles = real(volume_shape, output_tile, input_tile, stride=stride)
-        calls.append({"volume_shape": [int(v) for v in volume_shape], "output_tile": list(output_tile),
-                      "input_tile": list(input_tile), "stride": None if stride is None else list(stride),
-                      "tiles": len(tiles)})
-        return tiles
-
-    predictor.plan_tiles = plan_tiles
-    return calls
-
-
-def paper_mode_tiles(run_high_shape: list[int], tile_plan: dict[str, Any], case_high_shape: list[int]) -> int:
-    """Tiles of paper mode on the whole case: the crop run's plan (tile sizes, stride, and the
-    shift kitspipe added to the shape) applied to the whole 1 mm grid with kitspipe's tiler."""
-    from kitspipe.inference.tiling import plan_tiles
-
-    shift = [v - n for v, n in zip(tile_plan["volume_shape"], run_high_shape)]
-    shape = [n + s for n, s in zip(case_high_shape, shift)]
-    return len(plan_tiles(shape, tile_plan["output_tile"], tile_plan["input_tile"], stride=tile_plan["stride"]))
+MODES = ("paper", "fast", "roi")  # roi: fast mode on the kidneys' box only (inference.restrict_to_low_resolution_mask)
 
 
 # ----------------------------------------------------------------------------- child side
@@ -212,8 +110,12 @@ def child_prepare(spec: dict[str, Any]) -> None:
     bbox = spec["foreground_bbox"]
     centre = [((a + b) / 2 - start) * src / dst for (a, b), start, src, dst
               in zip(bbox, prepared.crop.start, image.grid.spacing, prepared.high_grid.spacing)]
+    foreground = [[max(0, math.floor((a - start) * src / dst)), min(n, math.ceil((b - start) * src / dst))]
+                  for (a, b), start, src, dst, n in zip(bbox, prepared.crop.start, image.grid.spacing,
+                                                        prepared.high_grid.spacing, high.shape)]
     benchlib.child_report(clock, baseline, prepare_seconds=seconds, prepare_cpu_seconds=cpu,
-                          high_shape=list(high.shape), low_shape=list(low.shape), kidney_centre_high=centre)
+                          high_shape=list(high.shape), low_shape=list(low.shape), kidney_centre_high=centre,
+                          foreground_high=foreground)
 
 
 def child_predict(spec: dict[str, Any]) -> None:
@@ -223,6 +125,7 @@ def child_predict(spec: dict[str, Any]) -> None:
     from kitspipe.devices import autocast
     from kitspipe.inference.predictor import fast_tile_voxels, predict_volume
     from kitspipe.plans import load_plans
+    from kitspipe.resampling import Box
     from kitspipe.trainers.builtin import build_dual_network
 
     plans = load_plans(spec["plans"])
@@ -262,14 +165,16 @@ def child_predict(spec: dict[str, Any]) -> None:
             budget = fast_tile_voxels(plans, device, plans.high.base_filters, branch)
     baseline = benchlib.rss_bytes()
     clock = benchlib.ChildClock()
-    prediction = predict_volume(network, high, low, plans, mode=spec["mode"], device=device,
-                                mixed_precision="bf16" if spec["amp"] else "off")
+    region = Box(*map(tuple, spec["region"])) if spec.get("region") else False
+    prediction = predict_volume(network, high, low, plans, mode="fast" if spec["mode"] == "roi" else spec["mode"],
+                                device=device, mixed_precision="bf16" if spec["amp"] else "off",
+                                region_of_interest=region)
     if device.type == "cuda":
         torch.cuda.synchronize()
     benchlib.child_report(clock, baseline, flops=flops["flops"], tile_seconds=tile_seconds, tile_plans=tile_plans,
                           high_shape=list(high.shape), low_shape=list(low.shape),
                           output_shape=list(prediction.regions.shape), gpu_free_bytes_at_start=free_bytes,
-                          fast_tile_budget_voxels=budget,
+                          fast_tile_budget_voxels=budget, region=spec.get("region"),
                           gpu_peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else 0)
 
 
@@ -293,11 +198,30 @@ def crop_box(centre: list[float], high_shape: list[int], low_shape: list[int], s
     return [high_start, high_size, low_start, low_size]
 
 
+def kidney_region(foreground_high: list[list[int]], plans, high_shape: list[int]) -> list[list[int]]:
+    """The box ``roi`` mode computes: what ``inference.restrict_to_low_resolution_mask`` would pick
+    if the low-resolution network found exactly the reference kidneys and tumours (the untrained
+    weights here find nothing meaningful), by kitspipe's own ``low_resolution_region``."""
+    import numpy as np
+
+    from kitspipe.inference.region_of_interest import low_resolution_region
+
+    mask = np.zeros(high_shape, dtype=np.float32)
+    mask[tuple(slice(a, b) for a, b in foreground_high)] = 1.0
+    p = plans.postprocessing
+    box = low_resolution_region(mask, p.threshold, p.low_resolution_dilation_mm, plans.high.spacing_mm,
+                                2**plans.high.depth)
+    return [list(box.start), list(box.stop)]
+
+
 def mode_settings(args) -> dict[str, dict[str, int]]:
     """Crop (mm, 0 = whole case) and runs of each mode."""
     on_cpu = args.device == "cpu"
     settings = {}
-    for mode in MODES:
+    for mode in args.modes:
+        if mode == "roi":  # the point of it is the whole case
+            settings[mode] = {"crop_mm": 0, "runs": args.repeats or (1 if args.quick or on_cpu else 3)}
+            continue
         if args.crop is not None:
             crop = args.crop
         elif not on_cpu:
@@ -338,14 +262,16 @@ def measure(args) -> dict[str, Any]:
         results: dict[str, list[ChildResult]] = {}
         boxes: dict[str, list[list[int]] | None] = {}
         settings = mode_settings(args)
-        for mode in MODES:
+        for mode in args.modes:
             box = crop_box(prepared.extra["kidney_centre_high"], high_shape, low_shape, settings[mode]["crop_mm"],
                            plans.scale)
             boxes[mode] = box
             where = "whole case" if box is None else f"crop {'×'.join(map(str, box[1]))} at 1 mm"
             print(f"{mode} mode: {settings[mode]['runs']} run(s) on the {where} ...", flush=True)
             spec = {"task": "predict", "plans": str(plans_path), "high": str(scratch / "high.npy"),
-                    "low": str(scratch / "low.npy"), "box": box, "mode": mode, "device": args.device, "amp": args.amp}
+                    "low": str(scratch / "low.npy"), "box": box, "mode": mode, "device": args.device, "amp": args.amp,
+                    "region": kidney_region(prepared.extra["foreground_high"], plans, high_shape) if mode == "roi"
+                    else None}
             results[mode] = [benchlib.run_child(SCRIPT, spec) for _ in range(settings[mode]["runs"])]
         print("conv3d 32→32 reference ...", flush=True)
         conv = benchlib.run_child(SCRIPT, {"task": "conv", "device": args.device, "amp": args.amp,
@@ -407,6 +333,9 @@ def report(case_id: str, fingerprint: dict, plans, prepared: ChildResult, result
         else:
             whole_ratio = fast_mode_flops(plans, tuple(high_shape), tuple(low_shape)) / case_dense
         region = "whole case" if box is None else "crop " + "×".join(map(str, region_high))
+        if mode == "roi":
+            start, stop = runs[0].extra["region"]
+            region = "kidney box " + "×".join(str(b - a) for a, b in zip(start, stop))
         # paper mode: dual forwards (one per tile); fast mode: 1 mm tiles + 4 mm tiles.
         n_tiles = (len(runs[0].extra["tile_seconds"]) if mode == "paper"
                    else "+".join(str(plan["tiles"]) for plan in reversed(runs[0].extra["tile_plans"])))
@@ -439,7 +368,7 @@ def report(case_id: str, fingerprint: dict, plans, prepared: ChildResult, result
                  "of conv3d", "FLOPs/dense", f"peak RSS MiB{gpu}", "whole case s", "whole FLOPs/dense"], rows,
                 title="predict_volume, paper network (untrained weights, eval): median (min–max) of the runs"))
     print("(FLOPs/dense: FLOPs that ran ÷ FLOPs of computing every output voxel once; peak RSS includes "
-          f"~{mib(results['fast'][0].baseline_rss)} MiB of interpreter, torch and the input arrays; "
+          f"~{mib(next(iter(results.values()))[0].baseline_rss)} MiB of interpreter, torch and the input arrays; "
           f"precision {'bf16 autocast' if args.amp else 'fp32'})")
     print()
     print(table(["conv3d", "precision", "input", "forward s", unit], [
@@ -447,7 +376,7 @@ def report(case_id: str, fingerprint: dict, plans, prepared: ChildResult, result
          Summary.of(c["forward_s"]["values"]).fmt(4), ceiling.rate(c["forward_gflops"], args.device)] for c in conv],
         title="Plain torch.nn.functional.conv3d 3×3×3, batch 1, same device ('of conv3d' above: forward of the "
               "same precision)"))
-    if args.device == "cuda":
+    if args.device == "cuda" and "fast" in figures["modes"]:
         fast = figures["modes"]["fast"]
         print(f"GPU: {fast['gpu_free_bytes_at_start'] / 2**30:.1f} GiB free at start; fast-mode tile budget from "
               f"free memory {fast['fast_tile_budget_voxels']:,} voxels (cap {plans.inference.max_tile_voxels:,}); "
@@ -468,6 +397,9 @@ def main() -> None:
     parser.add_argument("--case", type=int, default=0, help="synthetic case index (default 0)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic dataset seed (default 0)")
     parser.add_argument("--amp", action="store_true", help="bf16 autocast for the network")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="paper and fast tiling, and roi = fast mode on the kidneys' box only "
+                             "(always the whole case; default: all three)")
     args = parser.parse_args()
     benchlib.run_benchmark(args, "bench/infer.py", measure, child_main, notes=(), after=None)
 

@@ -133,11 +133,17 @@ class SamplingPlan:
     positive_fraction: float = 0.5
     tumour_fraction_of_positives: float = 0.0
     grid_overlap: float = 0.5
+    # None: every draw picks its case uniformly first. A number: a tumour-centred draw picks
+    # among the cases with a tumour, weighted by tumour volume to this power (1: every tumour
+    # voxel equally likely; large tumours are rare, and a uniform case choice rarely shows one).
+    tumour_volume_exponent: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("positive_fraction", "tumour_fraction_of_positives"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ValueError(f"{name}: must be within [0, 1], got {getattr(self, name)}")
+        if self.tumour_volume_exponent is not None and not 0 <= self.tumour_volume_exponent <= 2:
+            raise ValueError(f"tumour_volume_exponent: must be within [0, 2] or null, got {self.tumour_volume_exponent}")
         if not 0 <= self.grid_overlap < 1:
             raise ValueError(f"grid_overlap: must be within [0, 1), got {self.grid_overlap}")
 
@@ -191,6 +197,7 @@ class PostprocessingPlan:
     low_resolution_dilation_mm: float = 10.0
     low_resolution_mask_first: bool = True
     min_tumour_volume_ml: float = 0.0
+    min_tumour_fraction_in_kidney_region: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,10 @@ class InferencePlan:
     max_tile_voxels: int = 8_000_000
     mixed_precision: MixedPrecision = "off"
     checkpoint: Literal["best", "latest"] = "best"
+    # Fast mode: run the fine network only where post-processing's low-resolution mask can keep
+    # a voxel (kitspipe/inference/region_of_interest.py): the same labels, probabilities 0
+    # elsewhere. Off by default because plans written before it existed computed everywhere.
+    restrict_to_low_resolution_mask: bool = False
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,10 @@ class PostprocessingSettings:
             removes it, losing that kidney altogether (docs/interpretation.md).
         min_tumour_volume_ml: drop tumour components smaller than this (0: keep all; not in
             the paper). A dropped component stays kidney where the kidney channel covers it.
+        min_tumour_fraction_in_kidney_region: drop tumour components with a smaller share of
+            their voxels inside the kidney ∪ tumour channel (0: keep all; not in the paper).
+            The two channels are nested by construction, so a tumour the first channel
+            mostly disowns is taken as a false one, and its voxels become background.
     """
 
     threshold: float = 0.5
@@ -58,6 +62,7 @@ class PostprocessingSettings:
     low_resolution_dilation_mm: float = 10.0
     low_resolution_mask_first: bool = True
     min_tumour_volume_ml: float = 0.0
+    min_tumour_fraction_in_kidney_region: float = 0.0
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -73,6 +78,9 @@ class PostprocessingSettings:
             raise PlanError(f"postprocessing: low_resolution_dilation_mm must be >= 0, got {dilation}")
         if not (math.isfinite(self.min_tumour_volume_ml) and self.min_tumour_volume_ml >= 0):
             raise PlanError(f"postprocessing: min_tumour_volume_ml must be >= 0, got {self.min_tumour_volume_ml}")
+        if not 0.0 <= self.min_tumour_fraction_in_kidney_region <= 1.0:
+            raise PlanError("postprocessing: min_tumour_fraction_in_kidney_region must lie in [0, 1], "
+                            f"got {self.min_tumour_fraction_in_kidney_region}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -172,6 +180,27 @@ def drop_small_components(mask: np.ndarray, min_volume_ml: float, spacing: Seque
     return kept[labels]
 
 
+def tumour_outside_kidney_region(tumour_mask: np.ndarray, kidney_region: np.ndarray, min_fraction: float) -> np.ndarray:
+    """The voxels of the tumour components (26-connected) that have less than ``min_fraction``
+    of their voxels inside ``kidney_region`` (the kidney ∪ tumour channel).
+
+    Example (one row; kidney region ``[1 1 1 1 0 0 0 0]``, ``min_fraction`` 0.7)::
+
+        tumour [0 1 1 0 0 1 1 1]  ->  removed [0 0 0 0 0 1 1 1]
+    """
+    tumour = np.asarray(tumour_mask, dtype=bool)
+    if min_fraction <= 0:
+        return np.zeros_like(tumour)
+    labels, n = _components(tumour)
+    if n == 0:
+        return np.zeros_like(tumour)
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    inside = np.bincount(labels[np.asarray(kidney_region, dtype=bool)], minlength=n + 1)
+    removed = inside < min_fraction * sizes
+    removed[0] = False
+    return removed[labels]
+
+
 def dilate_mm(mask: np.ndarray, radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
     """Voxels whose centre lies within ``radius_mm`` (Euclidean, inclusive) of a mask voxel.
 
@@ -231,6 +260,9 @@ def postprocess(
        midline (centre of the x axis);
     4. ``drop_unconnected_tumour``: T = components of T that overlap or touch K;
        ``min_tumour_volume_ml``: T = components of T at least that large;
+       ``min_tumour_fraction_in_kidney_region``: the components of T with a smaller share of
+       their voxels in the kidney ∪ tumour channel (as thresholded in step 1, masked in step 2)
+       are removed from T and from K;
     5. region R = K ∪ T, so a kept tumour is always inside the kidney ∪ tumour region;
     6. ``low_resolution_mask`` in the paper's place instead (``low_resolution_mask_first``
        off): R = R ∧ L, T = T ∧ L;
@@ -265,11 +297,14 @@ def postprocess(
         allowed = dilate_mm(low_res, settings.low_resolution_dilation_mm, spacing)
     if allowed is not None and settings.low_resolution_mask_first:
         kidney, tumour = kidney & allowed, tumour & allowed
+    kidney_channel = kidney
     if settings.keep_largest_kidney_per_side:
         kidney = keep_largest_kidney_per_side(kidney)
     if settings.drop_unconnected_tumour:
         tumour = drop_unconnected_tumour(tumour, kidney)
     tumour = drop_small_components(tumour, settings.min_tumour_volume_ml, spacing)
+    disowned = tumour_outside_kidney_region(tumour, kidney_channel, settings.min_tumour_fraction_in_kidney_region)
+    tumour, kidney = tumour & ~disowned, kidney & ~disowned
     region = kidney | tumour
     if allowed is not None and not settings.low_resolution_mask_first:
         region, tumour = region & allowed, tumour & allowed

@@ -16,6 +16,7 @@ from kitspipe.postprocessing import (
     keep_largest_kidney_per_side,
     mask_with_low_resolution,
     postprocess,
+    tumour_outside_kidney_region,
 )
 
 SHAPE = (12, 14, 40)  # x (axis 2) is the left-right axis; the midline is x = 19.5
@@ -211,6 +212,7 @@ def test_settings_round_trip_and_validation():
         dict(low_resolution_dilation_mm=-1.0),
         dict(drop_unconnected_tumour="yes"),
         dict(min_tumour_volume_ml=-0.5),
+        dict(min_tumour_fraction_in_kidney_region=1.5),
     ]:
         with pytest.raises(PlanError):
             PostprocessingSettings(**bad)
@@ -224,6 +226,8 @@ def test_functions_return_new_arrays():
         dilate_mm(mask, 0.0, (1, 1, 1)),
         drop_small_components(mask, 0.0, (1, 1, 1)),
         drop_small_components(mask, 0.1, (1, 1, 1)),
+        tumour_outside_kidney_region(mask, mask, 0.5),
+        tumour_outside_kidney_region(mask, mask, 0.0),
     ]
     for result in results:
         assert result is not mask and not np.shares_memory(result, mask)
@@ -267,3 +271,32 @@ def test_min_tumour_volume_turns_a_small_tumour_inside_the_kidney_into_kidney():
     labels = postprocess(probabilities, (1.0, 1.0, 1.0), settings_)
     assert np.all(labels[large] == 2) and np.all(labels[small] == 1)
     assert np.array_equal(labels > 0, RIGHT_KIDNEY | LEFT_KIDNEY)
+
+
+def test_tumour_components_outside_the_kidney_channel_become_background():
+    # Seen in the demo: false tumours beside the kidney that the kidney ∪ tumour channel covers
+    # only half of; the true tumour lies inside it.
+    probabilities = np.full((2, *SHAPE), 0.1, dtype=np.float32)
+    probabilities[0][RIGHT_KIDNEY | LEFT_KIDNEY] = 0.9
+    inside = box((3, 7), (4, 8), (5, 9))                  # in the right kidney
+    z, y, x = np.nonzero(LEFT_KIDNEY)
+    half_out = box((z.min(), z.min() + 4), (y.max() - 1, y.max() + 3), (x.min(), x.min() + 4))
+    assert 0.3 < (half_out & LEFT_KIDNEY).sum() / half_out.sum() < 0.7
+    probabilities[1][inside | half_out] = 0.9
+    kept = postprocess(probabilities, (1.0, 1.0, 1.0), PostprocessingSettings(low_resolution_mask=False))
+    assert np.all(kept[inside] == 2) and np.all(kept[half_out] == 2)
+    settings_ = PostprocessingSettings(low_resolution_mask=False, min_tumour_fraction_in_kidney_region=0.7)
+    labels = postprocess(probabilities, (1.0, 1.0, 1.0), settings_)
+    assert np.all(labels[inside] == 2)
+    assert not labels[half_out].any()  # tumour and kidney alike: the kidney channel there was part of it
+    assert np.array_equal(labels > 0, (RIGHT_KIDNEY | LEFT_KIDNEY) & ~half_out)
+
+
+def test_share_of_a_component_in_the_kidney_region_decides():
+    tumour = np.zeros((1, 1, 8), dtype=bool)
+    tumour[0, 0] = [0, 1, 1, 0, 0, 1, 1, 1]
+    kidney = np.zeros_like(tumour)
+    kidney[0, 0, :6] = True  # 2 of 2 and 1 of 3 voxels inside
+    assert np.array_equal(tumour_outside_kidney_region(tumour, kidney, 0.7)[0, 0], [0, 0, 0, 0, 0, 1, 1, 1])
+    assert np.array_equal(tumour_outside_kidney_region(tumour, kidney, 0.3), np.zeros_like(tumour))
+    assert not tumour_outside_kidney_region(tumour, kidney, 0.0).any()

@@ -224,6 +224,21 @@ def test_a_case_without_the_wanted_kind_gives_the_other(tmp_path):
     assert not any(sampler.sample(np.random.default_rng(k)).high_target.any() for k in range(10))
 
 
+@pytest.mark.parametrize("exponent, share_of_big", [(None, 1 / 3), (0.0, 1 / 2), (1.0, 8**3 / (8**3 + 2**3))])
+def test_tumour_volume_exponent_weights_which_case_a_tumour_draw_picks(tmp_path, exponent, share_of_big):
+    write_case(tmp_path, "big", kidney_label(radius=10, tumour_radius=8))
+    write_case(tmp_path, "small", kidney_label(radius=10, tumour_radius=2))
+    free = kidney_label(radius=10)
+    free[free == 2] = 1
+    write_case(tmp_path, "free", free)
+    plans = small_plans(positive_fraction=1.0, tumour_fraction_of_positives=1.0, tumour_volume_exponent=exponent)
+    sampler = PatchSampler(open_cases(tmp_path, ["big", "small", "free"]), plans)
+    cases = [sampler.sample(np.random.default_rng([3, k])).case_id for k in range(600)]
+    # None: uniform over all three cases (the tumour-free one falls back to a kidney patch).
+    assert abs(cases.count("big") / len(cases) - share_of_big) < 0.06
+    assert ("free" in cases) is (exponent is None)
+
+
 def test_sampling_is_a_function_of_the_generator_seed(tmp_path):
     write_case(tmp_path, "a", kidney_label())
     sampler = PatchSampler(open_cases(tmp_path, ["a"]), small_plans())

@@ -317,6 +317,19 @@ class PatchSampler:
                                             str(case.high_label.shape), str(expected)))
         self.candidates = [CaseCandidates.compute(case.high_label, self.geometry, self.sampling.grid_overlap)
                            for case in self.cases]
+        self.tumour_case_probabilities = self._tumour_case_probabilities()
+
+    def _tumour_case_probabilities(self) -> np.ndarray | None:
+        """Per case, the chance that a tumour-centred draw picks it (``tumour_volume_exponent``)."""
+        exponent = self.sampling.tumour_volume_exponent
+        if exponent is None:
+            return None
+        volumes = np.array([np.count_nonzero(np.asarray(case.high_label) == 2) if len(case.tumour_locations) else 0
+                            for case in self.cases], dtype=np.float64)
+        if not volumes.any():
+            return None
+        weights = np.where(volumes > 0, volumes ** exponent, 0.0)
+        return weights / weights.sum()
 
     def sample(self, rng: np.random.Generator) -> PatchPair:
         """Draw one patch pair.
@@ -324,10 +337,24 @@ class PatchSampler:
         A case is chosen uniformly; with probability ``positive_fraction`` a positive
         candidate (of which ``tumour_fraction_of_positives`` are instead centred on a tumour
         voxel, when the case has one), otherwise a negative one. A case without candidates
-        of the wanted kind gives one of the other kind.
+        of the wanted kind gives one of the other kind. With ``tumour_volume_exponent`` set,
+        the kind of sample is drawn first, and a tumour-centred one picks its case among the
+        cases with a tumour, weighted by tumour volume to that power.
         """
+        if self.tumour_case_probabilities is None:
+            index = int(rng.integers(len(self.cases)))
+            return self.pair_at(index, self._draw_low_start(index, rng), rng)
+        positive = bool(rng.random() < self.sampling.positive_fraction)
+        if positive and rng.random() < self.sampling.tumour_fraction_of_positives:
+            index = int(rng.choice(len(self.cases), p=self.tumour_case_probabilities))
+            locations = self.cases[index].tumour_locations
+            low_start = self.geometry.low_start_centred_on(locations[rng.integers(len(locations))])
+            return self.pair_at(index, low_start, rng)
         index = int(rng.integers(len(self.cases)))
-        return self.pair_at(index, self._draw_low_start(index, rng), rng)
+        candidates = self.candidates[index]
+        if candidates.count(positive) == 0:
+            positive = not positive
+        return self.pair_at(index, candidates.draw(rng, positive), rng)
 
     def _draw_low_start(self, index: int, rng: np.random.Generator) -> Triple:
         case, candidates = self.cases[index], self.candidates[index]

@@ -7,7 +7,9 @@ Two tiling modes (``InferencePlan.tile_mode``):
   (so its low-resolution mask is zero beyond the low output, as in training);
 * ``fast``: the largest tiles the memory budget allows, paying the valid-convolution margin
   once per large tile. The low-resolution network runs once over the whole 4 mm volume and
-  its upsampled probability is cropped for each high-resolution tile. For a plain U-Net in
+  its upsampled probability is cropped for each high-resolution tile. With
+  ``region_of_interest`` the high-resolution network runs only on the box that post-processing's
+  low-resolution mask can keep (``region_of_interest.py``), and the rest of the grid is 0. For a plain U-Net in
   eval mode this equals ``paper`` mode; for the dual network it equals it only when the
   low-resolution output of a training patch spans the whole high-resolution input
   (``planner.low_output_covers_high_input``), because otherwise training saw a
@@ -29,12 +31,14 @@ import torch
 from torch import nn
 
 from kitspipe.devices import autocast, autocast_dtype, unwrap
+from kitspipe.inference.region_of_interest import low_resolution_region
 from kitspipe.inference.tile_budget import tile_voxels_for_memory
 from kitspipe.inference.tiling import (Tile, TileStitcher, extract_input, fast_input_tile, plan_tiles,
                                        pooling_aligned_stride, predict_tiled)
 from kitspipe.networks.sizes import output_size
 from kitspipe.networks.dual_resolution import DualResolutionUNet
 from kitspipe.plans import Plans, ResolutionPlan
+from kitspipe.resampling import Box
 
 log = logging.getLogger(__name__)
 
@@ -46,10 +50,13 @@ class VolumePrediction:
         regions: (2, z, y, x) kidney ∪ tumour and tumour.
         low_on_high: (z, y, x) the low-resolution kidney ∪ tumour probability upsampled to the
             high-resolution grid, or None for a network without a low-resolution branch.
+        region: the box of the grid where ``regions`` were computed (0 elsewhere); None when
+            they were computed everywhere.
     """
 
     regions: np.ndarray
     low_on_high: np.ndarray | None
+    region: Box | None = None
 
 
 def normalise(hu: np.ndarray, plans: Plans) -> np.ndarray:
@@ -69,7 +76,8 @@ def _run(module, device: torch.device, *arrays: np.ndarray):
 @torch.no_grad()
 def predict_volume(network: nn.Module, high_image: np.ndarray, low_image: np.ndarray | None, plans: Plans,
                    mode: str | None = None, device: torch.device | str = "cpu",
-                   progress: bool = False, mixed_precision: str | None = None) -> VolumePrediction:
+                   progress: bool = False, mixed_precision: str | None = None,
+                   region_of_interest: bool | Box = False) -> VolumePrediction:
     """Predict a whole preprocessed case.
 
     Args:
@@ -77,6 +85,10 @@ def predict_volume(network: nn.Module, high_image: np.ndarray, low_image: np.nda
         high_image, low_image: normalised arrays on the plan's grids (see ``normalise``).
         mode: ``paper`` or ``fast``; default from the plan.
         mixed_precision: ``auto``, ``bf16`` or ``off``; default from the plan.
+        region_of_interest: fast mode with the dual network only: ``True`` runs the
+            high-resolution network only where post-processing's low-resolution mask can keep
+            a voxel (``region_of_interest.region_applies`` says when that is safe); a ``Box``
+            runs it on that box of the high-resolution grid (benchmarks).
     """
     mode = mode or plans.inference.tile_mode
     device = torch.device(device)
@@ -89,7 +101,7 @@ def predict_volume(network: nn.Module, high_image: np.ndarray, low_image: np.nda
             if isinstance(model, DualResolutionUNet):
                 if mode == "paper":
                     return _dual_paper(model, high_image, low_image, plans, device, progress)
-                return _dual_fast(model, high_image, low_image, plans, device, progress)
+                return _dual_fast(model, high_image, low_image, plans, device, progress, region_of_interest)
             return VolumePrediction(_single(model, high_image, plans, mode, device, progress), None)
     finally:
         model.train(was_training)
@@ -162,11 +174,54 @@ def _upsample(model: DualResolutionUNet, low_probability: np.ndarray, high_shape
     return upsampled[tuple(slice(0, n) for n in high_shape)]
 
 
-def _dual_fast(model: DualResolutionUNet, high_image, low_image, plans: Plans, device, progress) -> VolumePrediction:
+@torch.no_grad()
+def low_resolution_on_high(network: nn.Module, low_image: np.ndarray, high_shape, plans: Plans,
+                           device: torch.device | str = "cpu", mixed_precision: str | None = None) -> np.ndarray | None:
+    """Fast mode's low-resolution kidney ∪ tumour probability on the high-resolution grid, or
+    None for a network without a low-resolution branch (to find one region for several folds)."""
+    model = unwrap(network)
+    if not isinstance(model, DualResolutionUNet):
+        return None
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(device, autocast_dtype(mixed_precision or plans.inference.mixed_precision, device)):
+            return _upsample(model, _low_probability(model, low_image, plans, device, False), high_shape, device)
+    finally:
+        model.train(was_training)
+
+
+def fine_region(low_on_high: np.ndarray, plans: Plans) -> Box | None:
+    """The box of the high-resolution grid that post-processing's low-resolution mask can keep
+    (see ``region_of_interest``); None when it keeps nothing."""
+    p = plans.postprocessing
+    box = low_resolution_region(low_on_high, p.threshold, p.low_resolution_dilation_mm, plans.high.spacing_mm,
+                                alignment=2**plans.high.depth)
+    share = 0.0 if box is None else math.prod(box.shape) / low_on_high.size
+    log.debug("fast mode: high-resolution network on %s, %.1f %% of the grid", box, 100 * share)
+    return box
+
+
+def _fine_region(region_of_interest: bool | Box, mask: np.ndarray, plans: Plans) -> Box | None:
+    """The box the high-resolution network runs on; None when post-processing keeps nothing."""
+    if isinstance(region_of_interest, Box):
+        return region_of_interest if math.prod(region_of_interest.shape) > 0 else None
+    if not region_of_interest:
+        return Box((0, 0, 0), tuple(mask.shape))
+    return fine_region(mask, plans)
+
+
+def _dual_fast(model: DualResolutionUNet, high_image, low_image, plans: Plans, device, progress,
+               region_of_interest: bool | Box = False) -> VolumePrediction:
     low_probability = _low_probability(model, low_image, plans, device, progress)
     mask = _upsample(model, low_probability, high_image.shape, device)
+    box = _fine_region(region_of_interest, mask, plans)
+    if box is None:  # no kidney at low resolution: post-processing would remove every voxel
+        return VolumePrediction(np.zeros((2, *high_image.shape), dtype=np.float32), mask, Box((0, 0, 0), (0, 0, 0)))
+    whole = box.shape == tuple(high_image.shape)
     budget = fast_tile_voxels(plans, device, plans.high.base_filters, _high_branch_channels(plans))
-    tiles, tile_in = _tiles_for("fast", high_image.shape, plans.high, plans, budget)
+    tiles, tile_in = _tiles_for("fast", box.shape, plans.high, plans, budget)
 
     def run(patch: np.ndarray) -> np.ndarray:
         image, tile_mask = patch[:1], patch[1:]
@@ -174,8 +229,13 @@ def _dual_fast(model: DualResolutionUNet, high_image, low_image, plans: Plans, d
         return torch.sigmoid(out.logits.float())[0].cpu().numpy()
 
     stacked = np.stack([high_image, mask])
-    regions = predict_tiled(stacked, tiles, tile_in, run, pad_value=[_air(plans), 0.0], progress=progress)
-    return VolumePrediction(regions, mask)
+    inside = predict_tiled(stacked, tiles, tile_in, run, pad_value=[_air(plans), 0.0], progress=progress,
+                           region_start=box.start, region_shape=box.shape)
+    if whole:
+        return VolumePrediction(inside, mask)
+    regions = np.zeros((2, *high_image.shape), dtype=np.float32)
+    regions[(slice(None), *box.slices())] = inside
+    return VolumePrediction(regions, mask, box)
 
 
 def _dual_paper(model: DualResolutionUNet, high_image, low_image, plans: Plans, device, progress) -> VolumePrediction:

@@ -24,7 +24,8 @@ from kitspipe.hashing import file_sha256
 from kitspipe.imageio import read_volume
 from kitspipe.inference.export import labels_from_probabilities, to_source_grid, write_prediction, write_probabilities
 from kitspipe.inference.memory_fallback import predict_with_fallback
-from kitspipe.inference.predictor import normalise, predict_volume
+from kitspipe.inference.predictor import fine_region, low_resolution_on_high, normalise, predict_volume
+from kitspipe.inference.region_of_interest import region_applies
 from kitspipe.locking import work_lock
 from kitspipe.manifest import MANIFEST_FILE, StageManifest
 from kitspipe.plans import Plans, load_plans
@@ -32,6 +33,7 @@ from kitspipe.postprocessing import PostprocessingSettings
 from kitspipe.preflight import export_bytes_needed, require_free_disk, warn_if_disk_may_not_suffice
 from kitspipe.preprocessing import prepare_case
 from kitspipe.progress import progress_bar
+from kitspipe.resampling import Box
 from kitspipe.trainers.registry import get_trainer, load_plugin
 from kitspipe.training.checkpoint import load_tensors, read_metadata
 from kitspipe.training.run import fold_folder, pick_device
@@ -59,20 +61,32 @@ def postprocessing_settings(plans: Plans, enabled: bool = True) -> Postprocessin
     settings = PostprocessingSettings(**asdict(p))
     if not enabled:
         settings = replace(settings, keep_largest_kidney_per_side=False, drop_unconnected_tumour=False,
-                           low_resolution_mask=False, min_tumour_volume_ml=0.0)
+                           low_resolution_mask=False, min_tumour_volume_ml=0.0,
+                           min_tumour_fraction_in_kidney_region=0.0)
     return settings
 
 
 def predict_case(models: list[torch.nn.Module], image, plans: Plans, mode: str, device: torch.device,
-                 progress: bool = False, case_id: str = "-") -> tuple[np.ndarray, np.ndarray | None, object]:
-    """Fold-averaged probabilities of one case on its canonical source grid."""
+                 progress: bool = False, case_id: str = "-",
+                 region_of_interest: bool | Box = False) -> tuple[np.ndarray, np.ndarray | None, object]:
+    """Fold-averaged probabilities of one case on its canonical source grid.
+
+    ``region_of_interest``: see ``predict_volume`` (only when ``region_applies``).
+    """
     prepared = prepare_case(image, None, plans)
     high = normalise(prepared.high_image, plans)
     low = normalise(prepared.low_image, plans)
+    if region_of_interest and len(models) > 1 and mode == "fast":
+        # Post-processing masks with the fold-averaged probability, which can keep a voxel that
+        # one fold's own mask does not reach; the box of the folds' union holds every such voxel.
+        lows = [low_resolution_on_high(network, low, high.shape, plans, device) for network in models]
+        if all(one is not None for one in lows):
+            region_of_interest = fine_region(np.maximum.reduce(lows), plans) or Box((0, 0, 0), (0, 0, 0))
     regions_sum, low_sum = None, None
     for network in models:
         prediction = predict_with_fallback(lambda tile_mode, tile_plans: predict_volume(
-            network, high, low, tile_plans, mode=tile_mode, device=device, progress=progress), plans, mode,
+            network, high, low, tile_plans, mode=tile_mode, device=device, progress=progress,
+            region_of_interest=region_of_interest), plans, mode,
             case=case_id, high_shape=high.shape)
         regions_sum = prediction.regions if regions_sum is None else regions_sum + prediction.regions
         if prediction.low_on_high is not None:
@@ -126,6 +140,8 @@ def run_inference(work: str | Path, input_dir: str | Path, output_dir: str | Pat
         models.append(network)
         hashes.append(digest)
     settings = postprocessing_settings(plans, postprocess)
+    # Unprocessed labels need every voxel's probability, so they turn the shortcut off.
+    region_of_interest = region_applies(plans, postprocess and unprocessed_dir is None)
     config = {"plans": plans.sha256(), "models": hashes, "mode": mode, "postprocessing": settings.to_dict(),
               "probabilities": save_probabilities, "unprocessed": str(unprocessed_dir)}
     config_sha = hashlib.sha256(canonical_json(config).encode()).hexdigest()
@@ -145,7 +161,8 @@ def run_inference(work: str | Path, input_dir: str | Path, output_dir: str | Pat
                 if manifest.is_current(case.case_id, inputs):
                     continue
                 image = read_volume(case.image, dtype=np.float32, stage="infer", case=case.case_id)
-                regions, low, _ = predict_case(models, image, plans, mode, target, case_id=case.case_id)
+                regions, low, _ = predict_case(models, image, plans, mode, target, case_id=case.case_id,
+                                               region_of_interest=region_of_interest)
                 labels = labels_from_probabilities(regions, low, image.grid.spacing, settings)
                 written = [output_dir / f"{case.case_id}.nii.gz"]
                 write_prediction(labels, image, written[0])

@@ -243,12 +243,14 @@ def predict_tiled(
     batch_size: int | None = None,
     progress: bool | None = None,
     dtype: np.dtype | type = np.float32,
+    region_start: Sequence[int] | None = None,
+    region_shape: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Run a valid-convolution network tile by tile and stitch its outputs.
 
     Args:
         volume_channels: input volume (C, z, y, x).
-        tiles: from :func:`plan_tiles` for this volume's spatial shape.
+        tiles: from :func:`plan_tiles` for this volume's spatial shape, or for ``region_shape``.
         input_tile: network input edge(s) used to plan ``tiles``.
         run_network: with ``batch_size=None``, called once per tile with (C, *input_tile) and
             returns (K, *output_tile); with ``batch_size=B``, called with up to B tiles stacked
@@ -257,6 +259,9 @@ def predict_tiled(
         batch_size: see ``run_network``.
         progress: show a tqdm bar; ``None`` shows it only when stderr is a terminal.
         dtype: dtype of the stitched (K, z, y, x) result.
+        region_start, region_shape: predict only this box of the volume: ``tiles`` are planned
+            for ``region_shape`` and read their inputs (context included) from the whole volume
+            at ``region_start``; the result has the box's shape.
     """
     if volume_channels.ndim != 4:
         raise ValueError(f"volume_channels must be (C, z, y, x), got {volume_channels.shape}")
@@ -265,13 +270,15 @@ def predict_tiled(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     inp = _triple(input_tile, "input_tile")
+    offset = _triple(region_start if region_start is not None else (0, 0, 0), "region_start")
+    shape = _triple(region_shape if region_shape is not None else volume_channels.shape[1:], "region_shape")
     step = batch_size or 1
     show = sys.stderr.isatty() if progress is None else progress
     stitcher: TileStitcher | None = None
     with tqdm(total=len(tiles), desc="tiles", unit="tile", disable=not show) as bar:
         for first in range(0, len(tiles), step):
             group = tiles[first : first + step]
-            inputs = [extract_input(volume_channels, tile, inp, pad_value) for tile in group]
+            inputs = [extract_input(volume_channels, _shifted(tile, offset), inp, pad_value) for tile in group]
             if batch_size is None:
                 outputs = [np.asarray(run_network(inputs[0]))]
             else:
@@ -283,10 +290,16 @@ def predict_tiled(
                 if output.ndim != 4 or output.shape[1:] != expected:
                     raise ValueError(f"network output {output.shape} is not (K, {expected})")
                 if stitcher is None:
-                    stitcher = TileStitcher(volume_channels.shape[1:], output.shape[0], dtype)
+                    stitcher = TileStitcher(shape, output.shape[0], dtype)
                 stitcher.add(tile, output)
             bar.update(len(group))
     return stitcher.result()
+
+
+def _shifted(tile: Tile, offset: Triple) -> Tile:
+    """The same tile in the coordinates of a volume in which its region starts at ``offset``."""
+    return Tile(tuple(s + o for s, o in zip(tile.output_start, offset)), tile.output_size,
+                tuple(s + o for s, o in zip(tile.input_start, offset)))
 
 
 def _valid_output(input_size: int, depth: int, borders: UNetBorders = VALID) -> int | None:
