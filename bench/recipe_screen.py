@@ -7,6 +7,9 @@ can be compared in one short session. Each variant is the ``cpu`` preset with so
 the 2-core CPU fits into the demo's budget at that variant's step time (measured there with the
 same plan, see docs/results.md), so variants are compared at equal CPU time, not equal steps.
 
+The screens of docs/results.md changed the ``cpu`` preset of commit 0dbc806; to repeat them,
+pass that file: ``git show 0dbc806:plans/cpu.json > cpu_0dbc806.json`` and ``--preset cpu_0dbc806.json``.
+
 Every variant runs through the real stages: ``plan --preset`` (so the planner resizes patches
 for the variant), ``preprocess``, ``train``, ``infer`` and ``evaluate`` on the demo's held-out
 test cases and on a separate screening set of synthetic cases (different indices), so that a
@@ -46,16 +49,15 @@ def run(args: list[str], log: Path, timeout: float | None = None) -> float:
     return time.monotonic() - started
 
 
-def patched_preset(changes: dict, path: Path) -> None:
-    """The ``cpu`` preset with dotted-key ``changes`` applied, written to ``path``."""
-    plans = json.loads((REPO / "plans" / "cpu.json").read_text())
+def patched_preset(base: Path, changes: dict, path: Path) -> None:
+    """The preset file ``base`` with dotted-key ``changes`` applied, written to ``path`` (a field
+    the file leaves out is added; ``kitspipe plan`` rejects one that is not a plan field)."""
+    plans = json.loads(base.read_text())
     for dotted, value in changes.items():
         node = plans
         *parents, leaf = dotted.split(".")
         for key in parents:
-            node = node[key]
-        if leaf not in node:
-            raise KeyError(f"{dotted}: not a field of the cpu preset")
+            node = node.setdefault(key, {})
         node[leaf] = value
     path.write_text(json.dumps(plans, indent=1))
 
@@ -65,7 +67,7 @@ def screen_variant(name: str, spec: dict, base: Path, data: dict[str, Path], out
     work = base.parent / name
     log = out / f"{name}.log"
     shutil.copytree(base, work, ignore=shutil.ignore_patterns("plans.json"))
-    patched_preset(spec.get("set", {}), work / "preset.json")
+    patched_preset(options.preset, spec.get("set", {}), work / "preset.json")
     seconds = {"plan": run(KP + ["plan", str(work), "--preset", str(work / "preset.json"), "--force"], log)}
     seconds["preprocess"] = run(KP + ["preprocess", str(work), "-j", "2"], log)
     plans = json.loads((work / "plans.json").read_text())
@@ -105,6 +107,8 @@ def main() -> None:
     parser.add_argument("variants", type=Path)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--device", default="cuda")
+    parser.add_argument("--preset", type=Path, default=REPO / "plans" / "cpu.json",
+                        help="the preset file the variants change (default: this checkout's plans/cpu.json)")
     parser.add_argument("--parallel", type=int, default=4, help="variants trained at once")
     parser.add_argument("--workers", type=int, default=3, help="loader workers per variant")
     parser.add_argument("--screen-cases", type=int, default=10)

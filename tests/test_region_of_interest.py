@@ -49,6 +49,10 @@ def test_shortcut_only_where_post_processing_removes_the_rest():
         assert not region_applies(changed, postprocess=True)
     off = replace(plans, inference=replace(plans.inference, restrict_to_low_resolution_mask=False))
     assert not region_applies(off, postprocess=True)
+    # Values that depend on the tiling would differ inside the box.
+    assert not region_applies(replace(plans, network=replace(plans.network, normalisation="instance")), True)
+    same = replace(plans.high, padding="same", output_crop=4, input_patch=(112,) * 3, output_patch=(104,) * 3)
+    assert not region_applies(replace(plans, high=same), True)
 
 
 def _dual_case(seed: int, high_shape: tuple[int, int, int]):

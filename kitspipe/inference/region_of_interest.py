@@ -36,10 +36,13 @@ def region_applies(plans: Plans, postprocess: bool) -> bool:
 
     Only when the plan asks for it and post-processing will remove everything there anyway; with
     ``--no-postprocessing`` or the mask applied last (after the component steps, which look at the
-    whole volume) every voxel's probability counts.
+    whole volume) every voxel's probability counts. And only for a fine U-Net whose values do not
+    depend on the tiles (valid convolutions, batch norm): the box is tiled differently from the
+    whole grid, and instance norm or zero padding would change the values inside it.
     """
     p = plans.postprocessing
-    return (plans.inference.restrict_to_low_resolution_mask and postprocess
+    tile_independent = plans.high.padding == "valid" and plans.network.normalisation == "batch"
+    return (plans.inference.restrict_to_low_resolution_mask and postprocess and tile_independent
             and p.low_resolution_mask and p.low_resolution_mask_first)
 
 

@@ -79,7 +79,12 @@ def predict_case(models: list[torch.nn.Module], image, plans: Plans, mode: str, 
     if region_of_interest and len(models) > 1 and mode == "fast":
         # Post-processing masks with the fold-averaged probability, which can keep a voxel that
         # one fold's own mask does not reach; the box of the folds' union holds every such voxel.
-        lows = [low_resolution_on_high(network, low, high.shape, plans, device) for network in models]
+        try:
+            lows = [low_resolution_on_high(network, low, high.shape, plans, device) for network in models]
+        except (torch.cuda.OutOfMemoryError, MemoryError):
+            log.warning("infer %s: no memory for the folds' low-resolution passes; the 1 mm network runs "
+                        "on the whole grid", case_id)
+            lows, region_of_interest = [None], False
         if all(one is not None for one in lows):
             region_of_interest = fine_region(np.maximum.reduce(lows), plans) or Box((0, 0, 0), (0, 0, 0))
     regions_sum, low_sum = None, None
