@@ -93,6 +93,7 @@ bench:
 	$(PYTHON) bench/preprocess.py
 	$(PYTHON) bench/train_step.py
 	$(PYTHON) bench/infer.py
+	$(PYTHON) bench/whole_case_inference.py --amp
 
 clean-work:
 	rm -rf $(WORK)
