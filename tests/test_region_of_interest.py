@@ -123,3 +123,43 @@ def test_low_resolution_pass_alone_equals_the_one_inside_fast_mode():
     for part in (fine_region(alone, plans), fine_region(other, plans)):
         assert all(u <= p for u, p in zip(union.start, part.start))
         assert all(u >= p for u, p in zip(union.stop, part.stop))
+
+
+def test_box_holds_what_post_processing_keeps_on_the_source_grid():
+    # The box is taken on the 1 mm grid; post-processing runs after linear resampling onto an
+    # anisotropic source grid (3 × 1.7 × 1.9 mm here). End to end, the labels must not change.
+    import SimpleITK as sitk
+
+    from kitspipe.imageio import to_canonical
+    from kitspipe.inference.export import labels_from_probabilities, to_source_grid
+    from kitspipe.preprocessing import prepare_case
+    from tests.conftest import phantom_arrays
+
+    image_zyx, label_zyx = phantom_arrays(shape_zyx=(30, 44, 52), spacing_zyx=(3.0, 1.7, 1.9), seed=3)
+    stored_image = sitk.GetImageFromArray(image_zyx.transpose(2, 1, 0).copy())
+    stored_label = sitk.GetImageFromArray(label_zyx.transpose(2, 1, 0).copy())
+    for item in (stored_image, stored_label):
+        item.SetSpacing((1.9, 1.7, 3.0))
+    plans = _plans(high_spacing=1.0, low_in=64)
+    plans = replace(plans, postprocessing=replace(plans.postprocessing, low_resolution_dilation_mm=3.0))
+    image = to_canonical(stored_image, dtype=np.float32)
+    prepared = prepare_case(image, to_canonical(stored_label).array, plans)
+    # A cuboid mask: flat faces put many source voxels at the very edge of the reach.
+    low = np.zeros(prepared.high_label.shape, dtype=np.float32)
+    low[tuple(slice(n // 4 + 1, n // 2 + 3) for n in low.shape)] = 0.9
+    # Just above the threshold everywhere: a source voxel whose interpolation reached one fine
+    # voxel outside the box would fall below it.
+    regions = np.full((2, *low.shape), 0.55, dtype=np.float32)
+    box = fine_region(low, plans)
+    assert np.prod(box.shape) < 0.6 * low.size
+    restricted = np.zeros_like(regions)
+    restricted[(slice(None), *box.slices())] = regions[(slice(None), *box.slices())]
+    # Without the component steps every kept voxel counts, the ones at the edge of the reach too.
+    settings_ = PostprocessingSettings(low_resolution_dilation_mm=3.0, keep_largest_kidney_per_side=False,
+                                       drop_unconnected_tumour=False)
+    labels = []
+    for channels in (regions, restricted):
+        on_source = to_source_grid(np.concatenate([channels, low[None]]), prepared.high_grid, image, prepared.crop)
+        labels.append(labels_from_probabilities(on_source[:2], on_source[2], image.grid.spacing, settings_))
+    assert labels[0].any()
+    assert np.array_equal(labels[0], labels[1])
