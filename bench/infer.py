@@ -201,16 +201,14 @@ def crop_box(centre: list[float], high_shape: list[int], low_shape: list[int], s
 def kidney_region(foreground_high: list[list[int]], plans, high_shape: list[int]) -> list[list[int]]:
     """The box ``roi`` mode computes: what ``inference.restrict_to_low_resolution_mask`` would pick
     if the low-resolution network found exactly the reference kidneys and tumours (the untrained
-    weights here find nothing meaningful), by kitspipe's own ``low_resolution_region``."""
+    weights here find nothing meaningful), by kitspipe's own ``fine_region``."""
     import numpy as np
 
-    from kitspipe.inference.region_of_interest import low_resolution_region
+    from kitspipe.inference.region_of_interest import fine_region
 
     mask = np.zeros(high_shape, dtype=np.float32)
     mask[tuple(slice(a, b) for a, b in foreground_high)] = 1.0
-    p = plans.postprocessing
-    box = low_resolution_region(mask, p.threshold, p.low_resolution_dilation_mm, plans.high.spacing_mm,
-                                2**plans.high.depth)
+    box = fine_region(mask, plans)
     return [list(box.start), list(box.stop)]
 
 

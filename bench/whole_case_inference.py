@@ -84,7 +84,7 @@ def child_main(spec: dict[str, Any]) -> None:
 def kidney_box(image_path: Path, label_path: Path, plans) -> list[list[int]]:
     """The box of the 1 mm grid that the reference kidneys and tumours give (kitspipe's own rule)."""
     from kitspipe.imageio import read_volume
-    from kitspipe.inference.predictor import fine_region
+    from kitspipe.inference.region_of_interest import fine_region
     from kitspipe.preprocessing import prepare_case
 
     image, label = read_volume(image_path), read_volume(label_path)

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kitspipe.data.augmentation import AugmentationParameters, Augmenter, cubic_bspline, make_augmenter
-from kitspipe.data.sampling import PairGeometry, Window
+from kitspipe.data.patch_geometry import PairGeometry, Window
 from kitspipe.plans import AugmentationPlan, load_preset
 
 SCALE = 4

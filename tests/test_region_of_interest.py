@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import kitspipe.inference.predictor as predictor
-from kitspipe.inference.predictor import fine_region, low_resolution_on_high, predict_volume
-from kitspipe.inference.region_of_interest import low_resolution_region, region_applies
+from kitspipe.inference.predictor import low_resolution_on_high, predict_volume
+from kitspipe.inference.region_of_interest import fine_region, low_resolution_region, region_applies
 from kitspipe.plans import load_preset
 from kitspipe.postprocessing import PostprocessingSettings, dilate_mm, postprocess
 from kitspipe.resampling import Box

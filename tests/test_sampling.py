@@ -13,7 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kitspipe.data.cases import open_cases
-from kitspipe.data.sampling import CaseCandidates, PairGeometry, PatchSampler, grid_stride, read_patch
+from kitspipe.data.patch_geometry import PairGeometry, read_patch
+from kitspipe.data.sampling import CaseCandidates, PatchSampler, grid_stride
 from kitspipe.errors import KitspipeError
 from kitspipe.networks.sizes import output_size
 from kitspipe.plans import IntensityPlan, ResolutionPlan, load_preset

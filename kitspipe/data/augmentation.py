@@ -52,7 +52,7 @@ import numpy as np
 from batchgenerators.augmentations.noise_augmentations import augment_gaussian_noise
 from scipy import ndimage
 
-from kitspipe.data.sampling import Window, read_patch
+from kitspipe.data.patch_geometry import Window, read_patch
 from kitspipe.errors import PlanError
 from kitspipe.plans import AugmentationPlan, Plans
 

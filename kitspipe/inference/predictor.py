@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 
 from kitspipe.devices import autocast, autocast_dtype, unwrap
-from kitspipe.inference.region_of_interest import low_resolution_region
+from kitspipe.inference.region_of_interest import fine_region
 from kitspipe.inference.tile_budget import tile_voxels_for_memory
 from kitspipe.inference.tiling import (Tile, TileStitcher, extract_input, fast_input_tile, plan_tiles,
                                        pooling_aligned_stride, predict_tiled)
@@ -92,17 +93,23 @@ def predict_volume(network: nn.Module, high_image: np.ndarray, low_image: np.nda
     """
     mode = mode or plans.inference.tile_mode
     device = torch.device(device)
-    dtype = autocast_dtype(mixed_precision or plans.inference.mixed_precision, device)
+    with _evaluating(network, plans, device, mixed_precision) as model:
+        if isinstance(model, DualResolutionUNet):
+            if mode == "paper":
+                return _dual_paper(model, high_image, low_image, plans, device, progress)
+            return _dual_fast(model, high_image, low_image, plans, device, progress, region_of_interest)
+        return VolumePrediction(_single(model, high_image, plans, mode, device, progress), None)
+
+
+@contextmanager
+def _evaluating(network: nn.Module, plans: Plans, device: torch.device, mixed_precision: str | None):
+    """The plain network in eval mode under the plan's autocast; its mode is restored after."""
     model = unwrap(network)  # a compiled network is recompiled per tile shape; the plain one is not
     was_training = model.training
     model.eval()
     try:
-        with autocast(device, dtype):
-            if isinstance(model, DualResolutionUNet):
-                if mode == "paper":
-                    return _dual_paper(model, high_image, low_image, plans, device, progress)
-                return _dual_fast(model, high_image, low_image, plans, device, progress, region_of_interest)
-            return VolumePrediction(_single(model, high_image, plans, mode, device, progress), None)
+        with autocast(device, autocast_dtype(mixed_precision or plans.inference.mixed_precision, device)):
+            yield model
     finally:
         model.train(was_training)
 
@@ -179,28 +186,11 @@ def low_resolution_on_high(network: nn.Module, low_image: np.ndarray, high_shape
                            device: torch.device | str = "cpu", mixed_precision: str | None = None) -> np.ndarray | None:
     """Fast mode's low-resolution kidney ∪ tumour probability on the high-resolution grid, or
     None for a network without a low-resolution branch (to find one region for several folds)."""
-    model = unwrap(network)
-    if not isinstance(model, DualResolutionUNet):
+    if not isinstance(unwrap(network), DualResolutionUNet):
         return None
     device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    try:
-        with autocast(device, autocast_dtype(mixed_precision or plans.inference.mixed_precision, device)):
-            return _upsample(model, _low_probability(model, low_image, plans, device, False), high_shape, device)
-    finally:
-        model.train(was_training)
-
-
-def fine_region(low_on_high: np.ndarray, plans: Plans) -> Box | None:
-    """The box of the high-resolution grid that post-processing's low-resolution mask can keep
-    (see ``region_of_interest``); None when it keeps nothing."""
-    p = plans.postprocessing
-    box = low_resolution_region(low_on_high, p.threshold, p.low_resolution_dilation_mm, plans.high.spacing_mm,
-                                alignment=2**plans.high.depth)
-    share = 0.0 if box is None else math.prod(box.shape) / low_on_high.size
-    log.debug("fast mode: high-resolution network on %s, %.1f %% of the grid", box, 100 * share)
-    return box
+    with _evaluating(network, plans, device, mixed_precision) as model:
+        return _upsample(model, _low_probability(model, low_image, plans, device, False), high_shape, device)
 
 
 def _fine_region(region_of_interest: bool | Box, mask: np.ndarray, plans: Plans) -> Box | None:
@@ -230,7 +220,7 @@ def _dual_fast(model: DualResolutionUNet, high_image, low_image, plans: Plans, d
 
     stacked = np.stack([high_image, mask])
     inside = predict_tiled(stacked, tiles, tile_in, run, pad_value=[_air(plans), 0.0], progress=progress,
-                           region_start=box.start, region_shape=box.shape)
+                           region=box)
     if whole:
         return VolumePrediction(inside, mask)
     regions = np.zeros((2, *high_image.shape), dtype=np.float32)

@@ -18,6 +18,7 @@ in it gets the value a whole-volume pass would give (valid convolutions; see ``t
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Sequence
 
@@ -25,6 +26,8 @@ import numpy as np
 
 from kitspipe.plans import Plans
 from kitspipe.resampling import Box
+
+log = logging.getLogger(__name__)
 
 # Fine voxels added on each side: one for the low-resolution probability's and one for the fine
 # probabilities' linear interpolation onto the source grid.
@@ -73,3 +76,14 @@ def low_resolution_region(low_on_fine: np.ndarray, threshold: float, dilation_mm
         start.append(first // alignment * alignment)
         stop.append(min(int(indices[-1]) + 1 + reach, extent))
     return Box(tuple(start), tuple(stop))
+
+
+def fine_region(low_on_fine: np.ndarray, plans: Plans) -> Box | None:
+    """``low_resolution_region`` with the plan's post-processing settings and the fine U-Net's
+    pooling grid as alignment."""
+    p = plans.postprocessing
+    box = low_resolution_region(low_on_fine, p.threshold, p.low_resolution_dilation_mm, plans.high.spacing_mm,
+                                alignment=2**plans.high.depth)
+    share = 0.0 if box is None else math.prod(box.shape) / low_on_fine.size
+    log.debug("fast mode: high-resolution network on %s, %.1f %% of the grid", box, 100 * share)
+    return box

@@ -24,8 +24,8 @@ from kitspipe.hashing import file_sha256
 from kitspipe.imageio import read_volume
 from kitspipe.inference.export import labels_from_probabilities, to_source_grid, write_prediction, write_probabilities
 from kitspipe.inference.memory_fallback import predict_with_fallback
-from kitspipe.inference.predictor import fine_region, low_resolution_on_high, normalise, predict_volume
-from kitspipe.inference.region_of_interest import region_applies
+from kitspipe.inference.predictor import low_resolution_on_high, normalise, predict_volume
+from kitspipe.inference.region_of_interest import fine_region, region_applies
 from kitspipe.locking import work_lock
 from kitspipe.manifest import MANIFEST_FILE, StageManifest
 from kitspipe.plans import Plans, load_plans

@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from kitspipe.networks.sizes import VALID, UNetBorders, is_valid_input_size, output_size
+from kitspipe.resampling import Box
 
 Triple = tuple[int, int, int]
 
@@ -243,14 +244,13 @@ def predict_tiled(
     batch_size: int | None = None,
     progress: bool | None = None,
     dtype: np.dtype | type = np.float32,
-    region_start: Sequence[int] | None = None,
-    region_shape: Sequence[int] | None = None,
+    region: Box | None = None,
 ) -> np.ndarray:
     """Run a valid-convolution network tile by tile and stitch its outputs.
 
     Args:
         volume_channels: input volume (C, z, y, x).
-        tiles: from :func:`plan_tiles` for this volume's spatial shape, or for ``region_shape``.
+        tiles: from :func:`plan_tiles` for this volume's spatial shape, or for ``region.shape``.
         input_tile: network input edge(s) used to plan ``tiles``.
         run_network: with ``batch_size=None``, called once per tile with (C, *input_tile) and
             returns (K, *output_tile); with ``batch_size=B``, called with up to B tiles stacked
@@ -259,9 +259,9 @@ def predict_tiled(
         batch_size: see ``run_network``.
         progress: show a tqdm bar; ``None`` shows it only when stderr is a terminal.
         dtype: dtype of the stitched (K, z, y, x) result.
-        region_start, region_shape: predict only this box of the volume: ``tiles`` are planned
-            for ``region_shape`` and read their inputs (context included) from the whole volume
-            at ``region_start``; the result has the box's shape.
+        region: predict only this box of the volume: ``tiles`` are planned for its shape and
+            read their inputs (context included) from the whole volume at its start; the
+            result has the box's shape.
     """
     if volume_channels.ndim != 4:
         raise ValueError(f"volume_channels must be (C, z, y, x), got {volume_channels.shape}")
@@ -270,8 +270,8 @@ def predict_tiled(
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     inp = _triple(input_tile, "input_tile")
-    offset = _triple(region_start if region_start is not None else (0, 0, 0), "region_start")
-    shape = _triple(region_shape if region_shape is not None else volume_channels.shape[1:], "region_shape")
+    offset = (0, 0, 0) if region is None else region.start
+    shape = volume_channels.shape[1:] if region is None else region.shape
     step = batch_size or 1
     show = sys.stderr.isatty() if progress is None else progress
     stitcher: TileStitcher | None = None
