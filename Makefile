@@ -29,6 +29,9 @@ DEMO ?= demo
 # bf16 autocast for train and infer: auto, bf16 or off (empty: the plan's setting).
 MIXED_PRECISION ?=
 PRECISION_FLAG = $(if $(MIXED_PRECISION),--mixed-precision $(MIXED_PRECISION))
+# Test-time mirroring axes for infer, e.g. "z x", or none (empty: the plan's setting).
+MIRROR_AXES ?=
+MIRROR_FLAG = $(if $(MIRROR_AXES),--mirror-axes $(filter-out none,$(MIRROR_AXES)))
 PREPROCESSED = $(WORK)/preprocessed/manifest.json
 
 .PHONY: install test demo synth check fingerprint show-fingerprint plan preprocess train cv infer evaluate \
@@ -81,7 +84,7 @@ cv: $(PREPROCESSED)
 	$(KITSPIPE) cv $(WORK) --trainer $(TRAINER) -j $(JOBS)
 
 infer:
-	$(KITSPIPE) infer $(WORK) $(IN) $(OUT) --folds $(FOLDS) --trainer $(TRAINER) $(PRECISION_FLAG)
+	$(KITSPIPE) infer $(WORK) $(IN) $(OUT) --folds $(FOLDS) --trainer $(TRAINER) $(PRECISION_FLAG) $(MIRROR_FLAG)
 
 evaluate:
 	$(KITSPIPE) evaluate $(OUT) $(IN)

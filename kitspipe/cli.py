@@ -101,7 +101,8 @@ def _infer(args: argparse.Namespace) -> None:
     out = run_inference(args.work, args.input, args.output, folds=args.folds, mode=args.mode,
                         save_probabilities=args.save_probabilities, device=args.device, trainer=args.trainer,
                         checkpoint=args.checkpoint, postprocess=not args.no_postprocessing,
-                        plugins=tuple(args.plugin), progress=args.progress, mixed_precision=args.mixed_precision)
+                        plugins=tuple(args.plugin), progress=args.progress, mixed_precision=args.mixed_precision,
+                        mirror_axes=args.mirror_axes)
     log.info("infer: %s", out)
 
 
@@ -225,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--mixed-precision", choices=MIXED_PRECISION_CHOICES,
                    help="bf16 autocast: auto, bf16 or off (default: the plan's)")
+    p.add_argument("--mirror-axes", nargs="*", choices=["z", "y", "x"], metavar="AXIS",
+                   help="test-time mirroring along these axes (z, y, x; none given: no mirroring; "
+                        "default: the plan's inference.mirror_axes)")
     p.set_defaults(func=_infer)
 
     p = sub.add_parser("evaluate", help="KiTS19 metrics of predictions against reference labels")

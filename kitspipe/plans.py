@@ -210,6 +210,13 @@ class InferencePlan:
     # a voxel (kitspipe/inference/region_of_interest.py): the same labels, probabilities 0
     # elsewhere. Off by default because plans written before it existed computed everywhere.
     restrict_to_low_resolution_mask: bool = False
+    # Test-time mirroring along these canonical axes (kitspipe/inference/mirroring.py): every
+    # subset of them is one more prediction, averaged. The paper does not mirror.
+    mirror_axes: tuple[Literal["z", "y", "x"], ...] = ()
+
+    def __post_init__(self) -> None:
+        if len(set(self.mirror_axes)) != len(self.mirror_axes):
+            raise ValueError(f"mirror_axes: each axis at most once, got {list(self.mirror_axes)}")
 
 
 @dataclass(frozen=True)

@@ -128,6 +128,14 @@ def test_infer_and_evaluate_commands_on_a_trained_fold(tiny_work, tiny_dataset, 
     assert main(["-q", "--no-progress", "infer", str(tiny_work), str(tiny_dataset), str(out), "--folds", "0",
                  "--trainer", "UNet3DTrainer", "--save-probabilities"]) == 0
     assert (out / "case_00000.nii.gz").stat().st_mtime_ns == before  # up to date: not redone
+    # The tiny plan comes from the cpu preset, which mirrors along z and x; turning that off
+    # (--mirror-axes with no axis) changes the prediction's recipe, so the cases are redone.
+    assert json.loads((tiny_work / "plans.json").read_text())["inference"]["mirror_axes"] == ["z", "x"]
+    assert main(["-q", "--no-progress", "infer", str(tiny_work), str(tiny_dataset), str(out), "--folds", "0",
+                 "--trainer", "UNet3DTrainer", "--save-probabilities", "--mirror-axes"]) == 0
+    assert (out / "case_00000.nii.gz").stat().st_mtime_ns != before
+    with pytest.raises(SystemExit):
+        main(["-q", "infer", str(tiny_work), str(tiny_dataset), str(out), "--mirror-axes", "w"])
     assert main(["-q", "evaluate", str(out), str(tiny_dataset), "--out", str(tmp_path / "eval")]) == 0
     summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
     assert summary["n_cases"] == 4

@@ -23,10 +23,12 @@ def _weights(folder: Path) -> dict:
 def test_resume_equals_uninterrupted_run(tiny_work, tmp_path, weight_average_decay):
     import shutil
 
-    if weight_average_decay is not None:
-        plans = json.loads((tiny_work / "plans.json").read_text())
-        plans["training"]["weight_average_decay"] = weight_average_decay
-        (tiny_work / "plans.json").write_text(json.dumps(plans))
+    plans = json.loads((tiny_work / "plans.json").read_text())
+    plans["training"]["weight_average_decay"] = weight_average_decay
+    # Every epoch validated: a run stopped after epoch 1 validates it as its last, and the
+    # uninterrupted run must log the same rows.
+    plans["training"]["validation_interval"] = 1
+    (tiny_work / "plans.json").write_text(json.dumps(plans))
     other = tmp_path / "other"
     shutil.copytree(tiny_work, other)
     straight = train_fold(tiny_work, 0, epochs=2, progress=False)

@@ -24,6 +24,7 @@ from kitspipe.hashing import file_sha256
 from kitspipe.imageio import read_volume
 from kitspipe.inference.export import labels_from_probabilities, to_source_grid, write_prediction, write_probabilities
 from kitspipe.inference.memory_fallback import predict_with_fallback
+from kitspipe.inference.mirroring import mirror, mirror_box, mirrorings
 from kitspipe.inference.predictor import low_resolution_on_high, normalise, predict_volume
 from kitspipe.inference.region_of_interest import fine_region, region_applies
 from kitspipe.locking import work_lock
@@ -69,45 +70,79 @@ def postprocessing_settings(plans: Plans, enabled: bool = True) -> Postprocessin
 def predict_case(models: list[torch.nn.Module], image, plans: Plans, mode: str, device: torch.device,
                  progress: bool = False, case_id: str = "-",
                  region_of_interest: bool | Box = False) -> tuple[np.ndarray, np.ndarray | None, object]:
-    """Fold-averaged probabilities of one case on its canonical source grid.
+    """Probabilities of one case on its canonical source grid, averaged over the folds and the
+    plan's test-time mirrorings (``inference.mirror_axes``).
 
     ``region_of_interest``: see ``predict_volume`` (only when ``region_applies``).
     """
     prepared = prepare_case(image, None, plans)
     high = normalise(prepared.high_image, plans)
     low = normalise(prepared.low_image, plans)
-    if region_of_interest and len(models) > 1 and mode == "fast":
-        # Post-processing masks with the fold-averaged probability, which can keep a voxel that
-        # one fold's own mask does not reach; the box of the folds' union holds every such voxel.
-        try:
-            lows = [low_resolution_on_high(network, low, high.shape, plans, device) for network in models]
-        except (torch.cuda.OutOfMemoryError, MemoryError):
-            log.warning("infer %s: no memory for the folds' low-resolution passes; the 1 mm network runs "
-                        "on the whole grid", case_id)
-            lows, region_of_interest = [None], False
-        if all(one is not None for one in lows):
-            region_of_interest = fine_region(np.maximum.reduce(lows), plans) or Box((0, 0, 0), (0, 0, 0))
-    regions_sum, low_sum = None, None
-    for network in models:
-        prediction = predict_with_fallback(lambda tile_mode, tile_plans: predict_volume(
-            network, high, low, tile_plans, mode=tile_mode, device=device, progress=progress,
-            region_of_interest=region_of_interest), plans, mode,
-            case=case_id, high_shape=high.shape)
-        regions_sum = prediction.regions if regions_sum is None else regions_sum + prediction.regions
-        if prediction.low_on_high is not None:
-            low_sum = prediction.low_on_high if low_sum is None else low_sum + prediction.low_on_high
-    channels = regions_sum / len(models)
-    if low_sum is not None:
-        channels = np.concatenate([channels, (low_sum / len(models))[None]])
+    channels = predict_views(models, high, low, plans, mode, device, progress, case_id, region_of_interest)
     on_source = to_source_grid(channels, prepared.high_grid, image, prepared.crop)
-    return on_source[:2], (on_source[2] if low_sum is not None else None), prepared
+    return on_source[:2], (on_source[2] if len(on_source) > 2 else None), prepared
+
+
+def predict_views(models: list[torch.nn.Module], high: np.ndarray, low: np.ndarray, plans: Plans, mode: str,
+                  device: torch.device, progress: bool = False, case_id: str = "-",
+                  region_of_interest: bool | Box = False) -> np.ndarray:
+    """The mean prediction of every fold on every mirrored view, on the preprocessed grids.
+
+    Returns:
+        (C, z, y, x) on the high-resolution grid: kidney ∪ tumour, tumour and, for networks
+        with a low-resolution branch, its upsampled kidney ∪ tumour probability.
+    """
+    views = [(network, m) for network in models for m in mirrorings(plans.inference.mirror_axes)]
+    if isinstance(region_of_interest, Box):
+        regions_of_interest = [mirror_box(region_of_interest, high.shape, m) for _, m in views]
+    elif region_of_interest and len(views) > 1 and mode == "fast":
+        regions_of_interest = _shared_regions(views, high, low, plans, device, case_id)
+    else:
+        regions_of_interest = [region_of_interest] * len(views)
+    total = None
+    for (network, mirroring), region in zip(views, regions_of_interest):
+        prediction = predict_with_fallback(lambda tile_mode, tile_plans: predict_volume(
+            network, mirror(high, mirroring), mirror(low, mirroring), tile_plans, mode=tile_mode, device=device,
+            progress=progress, region_of_interest=region), plans, mode, case=case_id, high_shape=high.shape)
+        channels = prediction.regions
+        if prediction.low_on_high is not None:
+            channels = np.concatenate([channels, prediction.low_on_high[None]])
+        channels = mirror(channels, mirroring, channels=1)
+        if total is None:
+            total = channels
+        else:
+            total += channels  # in place: a whole case's channels can take gigabytes
+    total /= len(views)
+    return total
+
+
+def _shared_regions(views, high: np.ndarray, low: np.ndarray, plans: Plans, device: torch.device,
+                    case_id: str) -> list[bool | Box]:
+    """Each view's fine-network box when several views (folds, mirrorings) are averaged.
+
+    Post-processing masks with the averaged low-resolution probability, which can keep a voxel
+    that one view's own mask does not reach; the box of the views' union holds every such voxel.
+    It is taken in each view's own frame, so that its start lies on that view's pooling grid.
+    """
+    try:
+        lows = [low_resolution_on_high(network, mirror(low, mirroring), high.shape, plans, device)
+                for network, mirroring in views]
+    except (torch.cuda.OutOfMemoryError, MemoryError):
+        log.warning("infer %s: no memory for the low-resolution passes of %d views; the 1 mm network runs "
+                    "on the whole grid", case_id, len(views))
+        return [False] * len(views)
+    if any(one is None for one in lows):  # networks without a low-resolution branch
+        return [True] * len(views)
+    reach = np.maximum.reduce([mirror(one, mirroring) for one, (_, mirroring) in zip(lows, views)])
+    return [fine_region(mirror(reach, mirroring), plans) or Box((0, 0, 0), (0, 0, 0)) for _, mirroring in views]
 
 
 def run_inference(work: str | Path, input_dir: str | Path, output_dir: str | Path, folds: list[int] | None = None,
                   mode: str | None = None, save_probabilities: bool = False, device: str | None = None,
                   trainer: str | None = None, checkpoint: str | None = None, postprocess: bool = True,
                   plugins: tuple[str, ...] = (), progress: bool = True, case_ids: list[str] | None = None,
-                  unprocessed_dir: str | Path | None = None, mixed_precision: str | None = None) -> Path:
+                  unprocessed_dir: str | Path | None = None, mixed_precision: str | None = None,
+                  mirror_axes: list[str] | None = None) -> Path:
     """The infer stage.
 
     Args:
@@ -120,6 +155,8 @@ def run_inference(work: str | Path, input_dir: str | Path, output_dir: str | Pat
             reports the effect of post-processing from one prediction).
         mixed_precision: ``auto``, ``bf16`` or ``off``; overrides ``inference.mixed_precision``
             (part of the plan hash, so a changed precision redoes the cases).
+        mirror_axes: test-time mirroring axes (``z``, ``y``, ``x``; empty: none); overrides
+            ``inference.mirror_axes``, and like the precision redoes the cases when it changes.
     """
     work, output_dir = Path(work), Path(output_dir)
     for plugin in plugins:
@@ -127,6 +164,11 @@ def run_inference(work: str | Path, input_dir: str | Path, output_dir: str | Pat
     plans = load_plans(work / "plans.json")
     if mixed_precision is not None:
         plans = replace(plans, inference=replace(plans.inference, mixed_precision=mixed_precision))
+    if mirror_axes is not None:
+        try:
+            plans = replace(plans, inference=replace(plans.inference, mirror_axes=tuple(mirror_axes)))
+        except ValueError as error:
+            raise KitspipeError(f"infer: --mirror-axes: {error}") from None
     trainer_name = trainer or plans.training.trainer
     checkpoint = checkpoint or plans.inference.checkpoint
     folds = list(folds if folds is not None else [0])
