@@ -236,9 +236,12 @@ def report(runs: list[CaseRun], dataset_runs: dict[str, list[ChildResult]], nnun
         pp_cpu = Summary.of([r.cpu_seconds for r in run.preprocess])
         peak = Summary.of([r.peak_rss for r in run.preprocess])
         fp_peak = Summary.of([r.peak_rss for r in run.fingerprint])
+        # What the stage itself adds on top of the interpreter and imports (issue 6's target).
+        added = Summary.of([r.peak_rss - r.baseline_rss for r in run.preprocess])
         rows.append([run.case_id, "×".join(map(str, run.shape_zyx)), "×".join(f"{s:.2f}" for s in run.spacing_zyx),
                      mib(run.float32_bytes), "×".join(map(str, run.high_shape)), fp.fmt(), pp.fmt(), pp_cpu.fmt(1),
-                     f"{mib(peak.median)} / {mib(fp_peak.median)}", f"{peak.median / run.float32_bytes:.1f}"])
+                     f"{mib(peak.median)} / {mib(fp_peak.median)}", f"{peak.median / run.float32_bytes:.1f}",
+                     f"{added.median / run.float32_bytes:.2f}"])
         figures_cases.append({
             "case_id": run.case_id, "shape_zyx": list(run.shape_zyx), "spacing_zyx_mm": list(run.spacing_zyx),
             "voxels": run.voxels, "float32_bytes": run.float32_bytes, "high_shape": list(run.high_shape),
@@ -251,15 +254,16 @@ def report(runs: list[CaseRun], dataset_runs: dict[str, list[ChildResult]], nnun
             "preprocess_peak_rss_bytes": summary_json([r.peak_rss for r in run.preprocess]),
             "preprocess_baseline_rss_bytes": Summary.of([r.baseline_rss for r in run.preprocess]).median,
             "peak_rss_over_float32_case": peak.median / run.float32_bytes,
+            "added_rss_over_float32_case": added.median / run.float32_bytes,
         })
     print()
     print(table(["case", "shape z×y×x", "spacing mm", "f32 MiB", "1 mm grid", "fingerprint s", "preprocess -j1 s",
-                 "preprocess CPU s", "peak RSS MiB pp / fp", "pp peak/f32"], rows,
+                 "preprocess CPU s", "peak RSS MiB pp / fp", "pp peak/f32", "pp added/f32"], rows,
                 title=f"Per case: median (min–max) of {repeats} runs, each in a fresh process; "
                       f"preprocess = paper plan, 1 mm + 4 mm outputs"))
     baseline_mib = mib(Summary.of([r.baseline_rss for run in runs for r in run.preprocess]).median)
     print(f"(peak RSS includes ~{baseline_mib} MiB of interpreter and imports, measured before the timed call; "
-          f"CPU s = user + system)")
+          f"added = peak RSS minus that baseline; CPU s = user + system)")
 
     figures: dict[str, Any] = {"repeats": repeats, "cases": figures_cases}
     if dataset_runs:

@@ -100,9 +100,11 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
 
 
 def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
-    buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
-    atomic_write_bytes(path, buffer.getvalue())
+    # Straight into the temporary file: an in-memory buffer would hold two more copies of what
+    # is often a case's largest array.
+    array = np.ascontiguousarray(array)
+    with atomic_open(path, size=array.nbytes + 128) as handle:
+        np.save(handle, array, allow_pickle=False)
 
 
 def atomic_torch_save(path: str | Path, obj: Any) -> None:

@@ -38,7 +38,7 @@ from kitspipe.manifest import MANIFEST_FILE, StageManifest
 from kitspipe.plans import Plans, load_plans
 from kitspipe.preflight import preprocess_bytes_needed, require_free_disk
 from kitspipe.progress import progress_bar
-from kitspipe.resampling import AIR_HU, Box, body_box, plan_grids, resample, sub_grid
+from kitspipe.resampling import AIR_HU, Box, body_box, plan_grids, resample, resample_in_slabs, sub_grid
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +68,23 @@ def prepare_case(image: Volume, label: np.ndarray | None, plans: Plans) -> Prepa
     cropped = image.array[crop.slices()]
     low_clip, high_clip = plans.intensity.clip_hu
 
-    def to_hu(grid: CanonicalGeometry) -> np.ndarray:
-        values = resample(cropped, cropped_grid, grid, "cubic", default=AIR_HU)
-        return np.rint(np.clip(values, low_clip, high_clip)).astype(np.int16)
+    def clipped_and_rounded(values: np.ndarray) -> np.ndarray:
+        clipped = np.clip(values, low_clip, high_clip)
+        return np.rint(clipped, out=clipped)
 
+    def to_hu(grid: CanonicalGeometry) -> np.ndarray:
+        # Slab by slab: the float32 result and SimpleITK's double coefficients of a whole case
+        # would take several times the case's own memory (docs/performance.md).
+        return resample_in_slabs(cropped, cropped_grid, grid, "cubic", default=AIR_HU, dtype=np.int16,
+                                 finish=clipped_and_rounded)
+
+    high_image, low_image = to_hu(high_grid), to_hu(low_grid)
     high_label = low_label = None
     if label is not None:
         cropped_label = np.ascontiguousarray(label[crop.slices()], dtype=np.uint8)
         high_label = resample(cropped_label, cropped_grid, high_grid, "nearest", dtype=np.uint8)
         low_label = resample(cropped_label, cropped_grid, low_grid, "nearest", dtype=np.uint8)
-    return PreparedCase(to_hu(high_grid), to_hu(low_grid), high_label, low_label, high_grid, low_grid, crop)
+    return PreparedCase(high_image, low_image, high_label, low_label, high_grid, low_grid, crop)
 
 
 def label_locations(label: np.ndarray, case_id: str) -> dict[str, list[list[int]]]:
@@ -101,19 +108,13 @@ def case_inputs(case: CaseFiles) -> dict[str, str]:
 
 def preprocess_case(case: CaseFiles, plans: Plans, out_root: Path) -> list[Path]:
     """Preprocess one case and write its arrays and properties; returns the files written."""
-    image = read_volume(case.image, dtype=np.float32, stage="preprocess", case=case.case_id)
+    # The stored dtype (int16 for most CT) rather than float32: half the memory of the largest
+    # array a case holds; resampling converts one slab at a time.
+    image = read_volume(case.image, stage="preprocess", case=case.case_id)
     label = None
     if case.label is not None:
         label = read_volume(case.label, dtype=np.uint8, stage="preprocess", case=case.case_id).array
     prepared = prepare_case(image, label, plans)
-    folder = out_root / case.case_id
-    written = []
-    for name in ARRAY_NAMES:
-        array = getattr(prepared, name)
-        if array is not None:
-            path = folder / f"{name}.npy"
-            atomic_save_npy(path, array)
-            written.append(path)
     properties = {
         "case_id": case.case_id,
         "kitspipe_version": __version__,
@@ -125,6 +126,15 @@ def preprocess_case(case: CaseFiles, plans: Plans, out_root: Path) -> list[Path]
         "low_grid": prepared.low_grid.to_json(),
         "has_label": prepared.high_label is not None,
     }
+    del image, label  # the source arrays, as large as the outputs: room for the steps below
+    folder = out_root / case.case_id
+    written = []
+    for name in ARRAY_NAMES:
+        array = getattr(prepared, name)
+        if array is not None:
+            path = folder / f"{name}.npy"
+            atomic_save_npy(path, array)
+            written.append(path)
     if prepared.high_label is not None:
         properties["locations"] = label_locations(prepared.high_label, case.case_id)
         properties["has_tumour"] = bool((prepared.high_label == 2).any())
