@@ -1,7 +1,8 @@
 """The integrity check of input data, run by ``kitspipe check DATA`` and before every stage.
 
 Each case is judged in the order a careful reader would: the raw header (is it NIfTI,
-how big, which orientation transform applies, see ``kitspipe.nifti_header``); the whole
+how big, see ``kitspipe.nifti_header``; which orientation transform applies, see
+``kitspipe.nifti_orientation``); the whole
 stream (so a truncated file fails here, not in epoch 40, and NaN/Inf are counted before
 SimpleITK silently loads them as 0); the voxels as SimpleITK loads them (label values,
 constant images); and finally whether the label lies on the image's grid. Every problem
@@ -33,12 +34,11 @@ from kitspipe.labels import ALLOWED_LABELS, KIDNEY, TUMOUR
 from kitspipe.nifti_header import (
     NiftiHeader,
     available_memory_bytes,
-    format_vector,
-    orientation_problems,
     read_nifti_header,
     size_problems,
     verify_stream,
 )
+from kitspipe.nifti_orientation import format_vector, orientation_problems
 
 # Outside this range a spacing is more likely a unit or header error than a real scan.
 USUAL_SPACING_MM = (0.3, 10.0)
