@@ -9,8 +9,10 @@ a step is what ``kitspipe.training.loop.run_epoch`` does: move the batch, zero t
 blocks frozen as the trainer says). Measured:
 
 * seconds per step, split into data wait (time blocked on the loader) and compute;
-* compute GFLOP/s from ``kitspipe.planning.training_step_gflop`` (forward + backward of both
-  U-Nets ≈ 3 × forward, whole batch; the mask branch and the head are not counted);
+* compute GFLOP/s from the FLOPs one step really runs, counted by ``torch.utils.flop_counter``
+  (every convolution and matrix product of forward and backward, mask branch and head
+  included), next to the planner's estimate ``kitspipe.planning.training_step_gflop``
+  (≈ 3 × the forward of both U-Nets, without the mask branch and the head);
 * in the same process, a plain ``torch.nn.functional.conv3d`` 32→32 3×3×3 on the preset's
   high-resolution input size (and base→base at the preset's own width), the ceiling to
   compare the step's GFLOP/s with: in float32, and with ``--amp`` in bf16 too (the step is
@@ -111,6 +113,7 @@ def child_main(spec: dict[str, Any]) -> None:
         waited = finished
     del loader
     training_peak_rss = benchlib.peak_rss_bytes()
+    counted_gflop = counted_step_gflop(trainer, network, loss_fn, phase, batch, device, dtype)
     gpu_peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
 
     high_in, low_in = plans.high.input_patch[0], plans.low.input_patch[0]
@@ -145,10 +148,31 @@ def child_main(spec: dict[str, Any]) -> None:
         clock, baseline,
         preset=plans.preset, high_input=high_in, low_input=low_in, high_output=plans.high.output_patch[0],
         batch_size=plans.training.batch_size, workers=workers, warmup_steps=warmup, step_gflop=step_gflop,
+        counted_gflop=counted_gflop,
         data_s=data_s, compute_s=compute_s, losses=losses, training_peak_rss=training_peak_rss,
         gpu_peak_bytes=gpu_peak, parameters=sum(p.numel() for p in network.parameters()), conv=conv,
         loader_first_batch_s=first_batch_s, loader_interval_s=intervals, sample_in_process_s=in_process,
         elastic_probability=plans.augmentation.elastic_probability)
+
+
+def counted_step_gflop(trainer, network, loss_fn, phase, batch, device: str, dtype) -> float:
+    """The GFLOP one step really runs (forward and backward, every convolution and matrix
+    product, the mask branch and the head included), counted by PyTorch's FlopCounterMode on
+    the last batch: the planner's estimate leaves out the mask branch and the head."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from kitspipe.devices import autocast
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        with autocast(device, dtype):
+            terms = trainer.loss(network, loss_fn, batch, phase)
+        terms.total.backward()
+    network.zero_grad(set_to_none=True)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return counter.get_total_flops() / 1e9
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -214,13 +238,14 @@ def report(results: dict[str, benchlib.ChildResult], args) -> dict[str, Any]:
         r = result.extra
         data, compute = Summary.of(r["data_s"]), Summary.of(r["compute_s"])
         total = Summary.of([d + c for d, c in zip(r["data_s"], r["compute_s"])])
-        gflops = Summary.of([r["step_gflop"] / c for c in r["compute_s"]])
+        # The rate of what the step really computes (FlopCounterMode), not the planner's estimate.
+        gflops = Summary.of([r["counted_gflop"] / c for c in r["compute_s"]])
         # The step against the 32→32 conv of its own precision (bf16 under --amp).
         precision = "bf16" if args.amp else "fp32"
         best_conv = next(c for c in r["conv"] if c["channels"] == 32 and c.get("precision", "fp32") == precision)
         best_conv = best_conv["forward_backward_gflops"]
         step_rows.append([preset, f"{r['high_input']}³/{r['low_input']}³ → {r['high_output']}³", r["batch_size"],
-                          r["workers"], f"{r['step_gflop']:.0f}", total.n, data.fmt(3), compute.fmt(3),
+                          r["workers"], f"{r['step_gflop']:.0f} / {r['counted_gflop']:.0f}", total.n, data.fmt(3), compute.fmt(3),
                           total.fmt(3), ceiling.rate(gflops.median, device),
                           f"{100 * gflops.median / best_conv:.0f} %",
                           mib(r["training_peak_rss"]) + (f" / {mib(r['gpu_peak_bytes'])}" if args.device == "cuda"
@@ -243,6 +268,8 @@ def report(results: dict[str, benchlib.ChildResult], args) -> dict[str, Any]:
             "data_wait_s": summary_json(r["data_s"]), "compute_s": summary_json(r["compute_s"]),
             "step_s": summary_json([d + c for d, c in zip(r["data_s"], r["compute_s"])]),
             "compute_gflops": summary_json([r["step_gflop"] / c for c in r["compute_s"]]),
+            "counted_gflop": r["counted_gflop"],
+            "compute_gflops_counted": summary_json([r["counted_gflop"] / c for c in r["compute_s"]]),
             "losses": r["losses"], "peak_rss_bytes": r["training_peak_rss"], "gpu_peak_bytes": r["gpu_peak_bytes"],
             "conv_reference": r["conv"],
             "loader": {"first_batch_s": r["loader_first_batch_s"],
@@ -253,11 +280,14 @@ def report(results: dict[str, benchlib.ChildResult], args) -> dict[str, Any]:
     print()
     gpu = " / GPU" if args.device == "cuda" else ""
     unit = ceiling.rate_unit(device)
-    print(table(["preset", "patch in (1mm/4mm) → out", "batch", "workers", "GFLOP/step", "steps", "data wait s",
+    print(table(["preset", "patch in (1mm/4mm) → out", "batch", "workers", "GFLOP/step plan / counted", "steps",
+                 "data wait s",
                  "compute s", "step s", f"compute {unit}", "of conv3d", f"peak RSS MiB{gpu}"],
                 step_rows, title="Training step: median (min–max) over the timed steps, after the warm-up"))
-    print("(GFLOP/step: kitspipe.planning.training_step_gflop, 3 × forward of both U-Nets for the batch; "
-          f"'of conv3d' = compute {unit} / conv3d 32→32 forward+backward {unit} below, same precision; "
+    print("(GFLOP/step: plan = kitspipe.planning.training_step_gflop, 3 × forward of both U-Nets for the batch; "
+          "counted = torch.utils.flop_counter over one step, every convolution and matrix product of forward and "
+          f"backward; compute {unit} and 'of conv3d' use the counted figure: compute {unit} / conv3d 32→32 "
+          f"forward+backward {unit} below, same precision; "
           f"precision {'bf16 autocast' if args.amp else 'fp32'}{', compiled' if args.compile else ''}"
           f"{', channels-last' if args.channels_last else ''})")
     print()

@@ -215,6 +215,9 @@ class InferencePlan:
     mirror_axes: tuple[Literal["z", "y", "x"], ...] = ()
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.mirror_axes) - {"z", "y", "x"})
+        if unknown:
+            raise ValueError(f"mirror_axes: {unknown[0]!r} is not one of 'z', 'y', 'x'")
         if len(set(self.mirror_axes)) != len(self.mirror_axes):
             raise ValueError(f"mirror_axes: each axis at most once, got {list(self.mirror_axes)}")
 

@@ -21,7 +21,7 @@ import logging
 import signal
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -111,6 +111,8 @@ def preprocess_case(case: CaseFiles, plans: Plans, out_root: Path) -> list[Path]
     # The stored dtype (int16 for most CT) rather than float32: half the memory of the largest
     # array a case holds; resampling converts one slab at a time.
     image = read_volume(case.image, stage="preprocess", case=case.case_id)
+    if image.array.dtype.itemsize > 4:  # float64 storage: float32 holds every HU value there is
+        image = replace(image, array=image.array.astype(np.float32))
     label = None
     if case.label is not None:
         label = read_volume(case.label, dtype=np.uint8, stage="preprocess", case=case.case_id).array

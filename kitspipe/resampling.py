@@ -119,6 +119,9 @@ def _resampled_image(array: np.ndarray, source: CanonicalGeometry, target: Canon
 # z1 = sqrt(3) - 2 = -0.268, so a slab cut 10 rows away changes them by under 2e-6 of the
 # local contrast (0.003 HU for 1500 HU): below the 0.5 HU that int16 storage rounds away.
 SLAB_CONTEXT_ROWS = {"cubic": 12, "linear": 2, "nearest": 2}
+# Sources up to this many voxels are resampled whole by default: their working memory is tens
+# of MiB, and slabs would only add context rows (and move a rare rounding tie by 1 HU).
+WHOLE_VOLUME_VOXELS = 4_000_000
 
 
 def continuous_index(grid: CanonicalGeometry, world: np.ndarray) -> np.ndarray:
@@ -144,16 +147,18 @@ def resample_in_slabs(array: np.ndarray, source: CanonicalGeometry, target: Cano
         finish: applied to each slab's float result before it is stored (clip and round, say);
             the array it gets is a read-only view of SimpleITK's buffer, freed after the slab.
         slab_voxels: source voxels read per slab, context rows included (at least one row of
-            target voxels is produced per slab, whatever this says). Default: an eighth of the
-            source, but no fewer than four times the context rows, so that the context rows
-            cost at most as much again as the rows a slab needs.
+            target voxels is produced per slab, whatever this says). Default: whole below
+            ``WHOLE_VOLUME_VOXELS``, else an eighth of the source, but no fewer than four times
+            the context rows, so that they cost at most as much again as the rows a slab needs.
 
     The slabs run along the source axis with the most rows, where the context rows cost least.
-    Grids with different directions are resampled whole.
+    Grids with different directions, and by default sources of at most ``WHOLE_VOLUME_VOXELS``,
+    are resampled whole.
     """
     out = np.empty(target.shape, dtype=dtype)
     work_dtype = array.dtype if interpolation == "nearest" else np.float32
-    if not np.allclose(source.direction, target.direction, atol=1e-9):
+    small = slab_voxels is None and array.size <= WHOLE_VOLUME_VOXELS
+    if small or not np.allclose(source.direction, target.direction, atol=1e-9):
         values = resample(array, source, target, interpolation, default, dtype=work_dtype)
         out[...] = finish(values) if finish else values
         return out

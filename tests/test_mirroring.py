@@ -53,12 +53,29 @@ def test_a_mirrored_box_holds_the_mirrored_voxels(shape, data):
         assert np.array_equal(mirror(inside, view), expected)
 
 
+def test_a_mirrored_box_starts_on_the_pooling_grid():
+    box = Box((8, 4, 12), (30, 21, 40))
+    mirrored = mirror_box(box, (36, 40, 44), (0, 2), alignment=4)
+    assert mirrored.start == (4, 4, 4) and mirrored.stop == (28, 21, 32)  # starts 6 and 4 rounded down
+    assert all(a % 4 == 0 for a in mirrored.start)
+
+
+def test_an_explicit_box_with_mirroring_gives_the_whole_grid_values_inside_it():
+    plans, network, high, low = _dual_case(("x",), high_shape=(32, 36, 40))
+    box = Box((8, 4, 12), (30, 21, 31))
+    everywhere = predict_views([network], high, low, plans, "fast", torch.device("cpu"))
+    inside = predict_views([network], high, low, plans, "fast", torch.device("cpu"), region_of_interest=box)
+    assert np.abs(inside[(slice(0, 2), *box.slices())] - everywhere[(slice(0, 2), *box.slices())]).max() <= 1e-5
+
+
 def test_plan_names_the_field_of_a_bad_axis_list():
     data = to_dict(load_preset("cpu"))
     for bad, message in ((["x", "x"], "each axis at most once"), (["w"], "'w' is not one of")):
         data["inference"]["mirror_axes"] = bad
         with pytest.raises(PlanError, match=rf"inference.*mirror_axes.*{message}"):
             from_dict(Plans, data, "plans.json")
+    with pytest.raises(ValueError, match="mirror_axes: 'w' is not one of"):
+        replace(load_preset("cpu").inference, mirror_axes=("x", "w"))
 
 
 def _dual_case(mirror_axes: tuple[str, ...], high_shape=(32, 36, 40)):
@@ -87,8 +104,8 @@ def test_views_are_averaged_after_mapping_each_back():
 @pytest.mark.parametrize("axis, name", [(2, "x"), (0, "z")])
 def test_mirroring_along_an_axis_makes_the_prediction_mirror_equivariant(axis, name):
     # Averaged over both views, a case and its mirror image get mirror-image predictions, which a
-    # network trained without mirroring does not give on its own. Fast mode with valid
-    # convolutions and batch norm makes each view independent of where its tiles fall.
+    # network trained without mirroring does not give on its own: (f(x) + M f(M x)) / 2 is
+    # mirror-equivariant for any deterministic f, so this fails if a view is not mapped back.
     for axes, equivariant in (((), False), ((name,), True)):
         plans, network, high, low = _dual_case(axes)
         original = predict_views([network], high, low, plans, "fast", torch.device("cpu"))
@@ -111,13 +128,16 @@ def test_restricted_fast_mode_keeps_every_view_that_post_processing_can_use(kidn
     from kitspipe.postprocessing import PostprocessingSettings, postprocess
 
     plans, network, high, low = _dual_case(("x",), high_shape=(28, 32, 48))
+    torch.manual_seed(8)
+    other_fold = _randomised(build_dual_network(plans))
     low[3:5, 3:6, 1:4] = 10.0  # off-centre along x: the mirrored view's box lies elsewhere
-    everywhere = predict_views([network], high, low, plans, "fast", torch.device("cpu"))
+    folds = [network, other_fold]  # two folds × two mirrorings: four views, one shared reach
+    everywhere = predict_views(folds, high, low, plans, "fast", torch.device("cpu"))
     # Threshold where some voxels near the kidney pass, so that the labels compared are not empty.
     threshold = float(np.quantile(everywhere[0, 12:20, 12:24, 4:16], 0.5))
     plans = replace(plans, postprocessing=replace(plans.postprocessing, threshold=threshold,
                                                   low_resolution_dilation_mm=4.0))
-    restricted = predict_views([network], high, low, plans, "fast", torch.device("cpu"), region_of_interest=True)
+    restricted = predict_views(folds, high, low, plans, "fast", torch.device("cpu"), region_of_interest=True)
     assert (restricted[0] == 0).mean() > 0.3  # the shortcut skipped part of the volume
     settings_ = PostprocessingSettings(threshold=threshold, low_resolution_dilation_mm=4.0)
     labels = [postprocess(p[:2], plans.high.spacing_mm, settings_, p[2]) for p in (everywhere, restricted)]

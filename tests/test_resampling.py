@@ -154,3 +154,20 @@ def test_a_slab_beyond_the_source_gets_the_finished_default():
     slabs = resample_in_slabs(image, source, target, "cubic", default=-1000, finish=clip, slab_voxels=100)
     assert np.array_equal(slabs, clip(resample(image, source, target, "cubic", default=-1000)))
     assert slabs[-1].max() == -500  # clipped like every other air voxel, not the raw default
+
+
+def test_a_small_source_is_resampled_whole_by_default(monkeypatch):
+    import kitspipe.resampling as resampling
+
+    source = CanonicalGeometry((12, 100, 28), (2.5, 0.8, 0.8), (0.0, 0.0, 0.0), IDENTITY)
+    high, _ = plan_grids(source, Box((0, 0, 0), source.shape), (1.0, 1.0, 1.0), 4)
+    image = _ct_like(source.shape, 4)
+    whole = resample(image, source, high, "cubic", default=-1000)
+    assert np.array_equal(resample_in_slabs(image, source, high, "cubic", default=-1000), whole)
+    calls = []
+    real = resampling._resampled_image
+    monkeypatch.setattr(resampling, "_resampled_image", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    monkeypatch.setattr(resampling, "WHOLE_VOLUME_VOXELS", 1000)
+    slabs = resample_in_slabs(image, source, high, "cubic", default=-1000)
+    assert len(calls) > 2 and all(shape[1] < source.shape[1] for shape in calls)  # slabs along y, the longest
+    assert np.abs(slabs - whole).max() <= 0.01

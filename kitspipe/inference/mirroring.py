@@ -35,17 +35,22 @@ def mirrorings(axes: Sequence[str]) -> list[Mirroring]:
     return [combo for count in range(len(indices) + 1) for combo in itertools.combinations(indices, count)]
 
 
-def mirror(array: np.ndarray, mirroring: Mirroring, channels: int = 0) -> np.ndarray:
+def mirror(array: np.ndarray, mirroring: Mirroring, channels: int = 0, copy: bool = True) -> np.ndarray:
     """``array`` mirrored along the spatial axes of ``mirroring``, after ``channels`` leading
-    non-spatial axes. Mirroring twice gives the array back."""
+    non-spatial axes. Mirroring twice gives the array back. ``copy=False`` returns a view
+    (enough to add it to another array)."""
     if not mirroring:
         return array
-    return np.ascontiguousarray(np.flip(array, tuple(axis + channels for axis in mirroring)))
+    flipped = np.flip(array, tuple(axis + channels for axis in mirroring))
+    return np.ascontiguousarray(flipped) if copy else flipped
 
 
-def mirror_box(box: Box, shape: Sequence[int], mirroring: Mirroring) -> Box:
-    """The same voxels as ``box`` of a grid of ``shape``, in the mirrored grid."""
+def mirror_box(box: Box, shape: Sequence[int], mirroring: Mirroring, alignment: int = 1) -> Box:
+    """The same voxels as ``box`` of a grid of ``shape``, in the mirrored grid, its start along
+    the mirrored axes rounded down to a multiple of ``alignment`` (the fine U-Net's pooling
+    grid, on which a box gives the voxels a whole-grid pass gives)."""
     start, stop = list(box.start), list(box.stop)
     for axis in mirroring:
         start[axis], stop[axis] = shape[axis] - box.stop[axis], shape[axis] - box.start[axis]
+        start[axis] -= start[axis] % alignment
     return Box(tuple(start), tuple(stop))

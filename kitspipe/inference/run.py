@@ -1,7 +1,8 @@
 """``kitspipe infer``: trained folds + raw cases → label files on the input's own grid.
 
 Each case is preprocessed exactly as in training (``preprocessing.prepare_case``), predicted by
-every requested fold (probabilities averaged: an ensemble), resampled back to the original
+every requested fold on the case and on its mirror images when the plan asks for test-time
+mirroring (probabilities averaged: an ensemble), resampled back to the original
 grid, thresholded and post-processed, and written as ``OUTPUT/<case>.nii.gz`` (uint8 0/1/2).
 ``OUTPUT/manifest.json`` records inputs, models and outputs by hash, so a rerun after a kill
 redoes only the cases whose output is missing or does not verify.
@@ -94,7 +95,8 @@ def predict_views(models: list[torch.nn.Module], high: np.ndarray, low: np.ndarr
     """
     views = [(network, m) for network in models for m in mirrorings(plans.inference.mirror_axes)]
     if isinstance(region_of_interest, Box):
-        regions_of_interest = [mirror_box(region_of_interest, high.shape, m) for _, m in views]
+        alignment = 2**plans.high.depth
+        regions_of_interest = [mirror_box(region_of_interest, high.shape, m, alignment) for _, m in views]
     elif region_of_interest and len(views) > 1 and mode == "fast":
         regions_of_interest = _shared_regions(views, high, low, plans, device, case_id)
     else:
@@ -104,14 +106,13 @@ def predict_views(models: list[torch.nn.Module], high: np.ndarray, low: np.ndarr
         prediction = predict_with_fallback(lambda tile_mode, tile_plans: predict_volume(
             network, mirror(high, mirroring), mirror(low, mirroring), tile_plans, mode=tile_mode, device=device,
             progress=progress, region_of_interest=region), plans, mode, case=case_id, high_shape=high.shape)
-        channels = prediction.regions
-        if prediction.low_on_high is not None:
-            channels = np.concatenate([channels, prediction.low_on_high[None]])
-        channels = mirror(channels, mirroring, channels=1)
-        if total is None:
-            total = channels
-        else:
-            total += channels  # in place: a whole case's channels can take gigabytes
+        parts = [prediction.regions] + ([prediction.low_on_high[None]] if prediction.low_on_high is not None else [])
+        if total is None:  # a whole case's channels can take gigabytes: one sum, added to in place
+            total = np.zeros((sum(len(p) for p in parts), *high.shape), dtype=np.float32)
+        start = 0
+        for part in parts:
+            total[start:start + len(part)] += mirror(part, mirroring, channels=1, copy=False)
+            start += len(part)
     total /= len(views)
     return total
 
@@ -124,16 +125,18 @@ def _shared_regions(views, high: np.ndarray, low: np.ndarray, plans: Plans, devi
     that one view's own mask does not reach; the box of the views' union holds every such voxel.
     It is taken in each view's own frame, so that its start lies on that view's pooling grid.
     """
+    reach = None
     try:
-        lows = [low_resolution_on_high(network, mirror(low, mirroring), high.shape, plans, device)
-                for network, mirroring in views]
+        for network, mirroring in views:
+            one = low_resolution_on_high(network, mirror(low, mirroring), high.shape, plans, device)
+            if one is None:  # a network without a low-resolution branch
+                return [True] * len(views)
+            one = mirror(one, mirroring, copy=False)
+            reach = np.array(one) if reach is None else np.maximum(reach, one, out=reach)
     except (torch.cuda.OutOfMemoryError, MemoryError):
         log.warning("infer %s: no memory for the low-resolution passes of %d views; the 1 mm network runs "
                     "on the whole grid", case_id, len(views))
         return [False] * len(views)
-    if any(one is None for one in lows):  # networks without a low-resolution branch
-        return [True] * len(views)
-    reach = np.maximum.reduce([mirror(one, mirroring) for one, (_, mirroring) in zip(lows, views)])
     return [fine_region(mirror(reach, mirroring), plans) or Box((0, 0, 0), (0, 0, 0)) for _, mirroring in views]
 
 
