@@ -102,10 +102,17 @@ def predict_views(models: list[torch.nn.Module], high: np.ndarray, low: np.ndarr
     else:
         regions_of_interest = [region_of_interest] * len(views)
     total = None
+    # The tiling that fitted in memory: later views start from it rather than from the plan's.
+    fitted = {"mode": mode, "plans": plans}
     for (network, mirroring), region in zip(views, regions_of_interest):
-        prediction = predict_with_fallback(lambda tile_mode, tile_plans: predict_volume(
-            network, mirror(high, mirroring), mirror(low, mirroring), tile_plans, mode=tile_mode, device=device,
-            progress=progress, region_of_interest=region), plans, mode, case=case_id, high_shape=high.shape)
+        def predict(tile_mode: str, tile_plans: Plans):
+            result = predict_volume(network, mirror(high, mirroring), mirror(low, mirroring), tile_plans,
+                                    mode=tile_mode, device=device, progress=progress, region_of_interest=region)
+            fitted.update(mode=tile_mode, plans=tile_plans)
+            return result
+
+        prediction = predict_with_fallback(predict, fitted["plans"], fitted["mode"], case=case_id,
+                                           high_shape=high.shape)
         parts = [prediction.regions] + ([prediction.low_on_high[None]] if prediction.low_on_high is not None else [])
         if total is None:  # a whole case's channels can take gigabytes: one sum, added to in place
             total = np.zeros((sum(len(p) for p in parts), *high.shape), dtype=np.float32)

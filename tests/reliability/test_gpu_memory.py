@@ -78,3 +78,18 @@ def test_item_39_error_only_when_the_smallest_tiles_fail(small_plans, image, cap
     assert len(set(fast_tiles)) == len(fast_tiles)
     assert len(tile_fallbacks(small_plans, "fast")) > len(attempts)
     assert len([r for r in caplog.records if "retrying" in r.getMessage()]) == len(attempts) - 1
+
+
+def test_item_39_later_views_start_from_the_tiles_that_fitted(small_plans, image, caplog):
+    # Four mirrored views of one fold (the cpu preset mirrors along z and x): only the first
+    # searches for tiles that fit; the other three start from them.
+    assert len(small_plans.inference.mirror_axes) == 2
+    training_patch = math.prod(small_plans.high.input_patch)
+    network, seen = _network_that_fits(small_plans, largest_voxels=training_patch)
+    with caplog.at_level(logging.WARNING, logger="kitspipe.inference.memory_fallback"):
+        predict_case([network], image, small_plans, "fast", torch.device("cpu"))
+    retries = [r for r in caplog.records if "retrying" in r.getMessage()]
+    failed = [shape for shape in seen if math.prod(shape) > training_patch]
+    assert retries and len(failed) == len(retries)  # every failure belongs to the first view's search
+    first_fit = next(i for i, shape in enumerate(seen) if math.prod(shape) <= training_patch)
+    assert all(math.prod(shape) <= training_patch for shape in seen[first_fit:])
