@@ -195,17 +195,24 @@ def _along(axis: int, start: int, stop: int, shape: Sequence[int]) -> Box:
     return Box(tuple(start if a == axis else 0 for a in range(3)), tuple(stop if a == axis else n for a, n in enumerate(shape)))
 
 
+def mask_bounding_box(mask: np.ndarray, margins: Sequence[int] | None = None) -> Box | None:
+    """The smallest box holding every true voxel of ``mask``, widened by ``margins`` voxels per
+    axis and clipped to the grid; None when the mask is empty."""
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        return None
+    start, stop = [], []
+    for axis in range(mask.ndim):
+        present = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        margin = 0 if margins is None else int(margins[axis])
+        start.append(max(int(present[0]) - margin, 0))
+        stop.append(min(int(present[-1]) + 1 + margin, mask.shape[axis]))
+    return Box(tuple(start), tuple(stop))
+
+
 def body_box(image_hu: np.ndarray, label: np.ndarray | None = None, threshold_hu: float = -500.0) -> Box:
     """Bounding box of everything denser than air (and of every labelled voxel)."""
     mask = image_hu > threshold_hu
     if label is not None:
         mask |= label > 0
-    if not mask.any():
-        return Box((0, 0, 0), tuple(image_hu.shape))
-    start, stop = [], []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        present = np.flatnonzero(mask.any(axis=other))
-        start.append(int(present[0]))
-        stop.append(int(present[-1]) + 1)
-    return Box(tuple(start), tuple(stop))
+    return mask_bounding_box(mask) or Box((0, 0, 0), tuple(image_hu.shape))

@@ -25,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from kitspipe.plans import Plans
-from kitspipe.resampling import Box
+from kitspipe.resampling import Box, mask_bounding_box
 
 log = logging.getLogger(__name__)
 
@@ -64,18 +64,11 @@ def low_resolution_region(low_on_fine: np.ndarray, threshold: float, dilation_mm
         The box, clipped to the grid, or None when the mask is empty (post-processing then
         removes everything).
     """
-    present = np.asarray(low_on_fine) > threshold
-    if not present.any():
+    reach = [math.ceil(dilation_mm / float(step_mm)) + INTERPOLATION_MARGIN for step_mm in spacing]
+    box = mask_bounding_box(np.asarray(low_on_fine) > threshold, reach)
+    if box is None:
         return None
-    start, stop = [], []
-    for axis, (extent, step_mm) in enumerate(zip(present.shape, spacing)):
-        others = tuple(a for a in range(3) if a != axis)
-        indices = np.flatnonzero(present.any(axis=others))
-        reach = math.ceil(dilation_mm / float(step_mm)) + INTERPOLATION_MARGIN
-        first = max(int(indices[0]) - reach, 0)
-        start.append(first // alignment * alignment)
-        stop.append(min(int(indices[-1]) + 1 + reach, extent))
-    return Box(tuple(start), tuple(stop))
+    return Box(tuple(a // alignment * alignment for a in box.start), box.stop)
 
 
 def fine_region(low_on_fine: np.ndarray, plans: Plans) -> Box | None:
