@@ -12,13 +12,42 @@ import errno
 import io
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, BinaryIO, Iterator
 
 import numpy as np
 
 TEMP_PREFIX = ".tmp-"
+# A new file only (never an existing one or a link), as tempfile.mkstemp opens it.
+_CREATE_FLAGS = (os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+                 | getattr(os, "O_BINARY", 0))
+
+
+@contextlib.contextmanager
+def temporary_beside(path: Path, suffix: str = "") -> Iterator[tuple[int, Path]]:
+    """A new temporary file in ``path``'s folder (an open descriptor and its name), removed if
+    the block raises, Ctrl-C and SIGTERM included.
+
+    ``tempfile.mkstemp`` creates the file before the caller learns its name, so an interrupt
+    arriving in between left a temporary behind; here the name is chosen first and the file
+    created exclusively under it, inside the block that removes it.
+    """
+    name = None
+    try:
+        while True:
+            name = path.parent / f"{TEMP_PREFIX}{path.name}.{secrets.token_hex(6)}{suffix}"
+            try:
+                fd = os.open(name, _CREATE_FLAGS, 0o600)
+                break
+            except FileExistsError:
+                continue
+        yield fd, name
+    except BaseException:
+        if name is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+        raise
 
 
 @contextlib.contextmanager
@@ -32,25 +61,19 @@ def atomic_open(path: str | Path, mode: int = 0o644, size: int | None = None) ->
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates files readable by the owner only; artefacts are shared results.
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-    except OSError as error:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        if error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full_error(path, size) from None
-        raise
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+    with temporary_beside(path) as (fd, tmp_name):
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            # Created readable by the owner only; artefacts are shared results.
+            os.chmod(tmp_name, mode)
+            os.replace(tmp_name, path)
+        except OSError as error:
+            if error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full_error(path, size) from None
+            raise
     _fsync_directory(path.parent)
 
 

@@ -7,9 +7,9 @@ in true HU) and every image is brought into the canonical (z, y, x) frame descri
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from kitspipe import preflight
-from kitspipe.atomic import TEMP_PREFIX, disk_full_error
+from kitspipe.atomic import disk_full_error, temporary_beside
 from kitspipe.errors import KitspipeError, Problem
 from kitspipe.geometry import CanonicalGeometry, Geometry, Reorientation, canonical_geometry, reorientation_for
 
@@ -95,25 +95,25 @@ def write_image_atomic(image: sitk.Image, path: str | Path, compress: bool = Tru
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp_name = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", suffix=suffix, dir=path.parent)
-    os.close(fd)
     # Uncompressed voxels plus the header: what a full disk is reported to need.
     bound = preflight.NIFTI_HEADER_BYTES + image.GetNumberOfPixels() * image.GetSizeOfPixelComponent() * \
         image.GetNumberOfComponentsPerPixel()
-    try:
-        sitk.WriteImage(image, tmp_name, useCompression=compress)
-        with open(tmp_name, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException as error:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise disk_full_error(path, bound, upper_bound=True) from None
-        # SimpleITK reports a failed write as a RuntimeError without errno; too little free
-        # space for the uncompressed volume is then the likely cause, and is what to report.
-        free = preflight.free_bytes(path.parent) if isinstance(error, RuntimeError) else None
-        if free is not None and free < bound:
-            raise disk_full_error(path, bound, upper_bound=True) from None
-        raise
+    with temporary_beside(path, suffix) as (fd, tmp_name):
+        os.close(fd)
+        try:
+            sitk.WriteImage(image, str(tmp_name), useCompression=compress)
+            with open(tmp_name, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.chmod(tmp_name, 0o644)
+            os.replace(tmp_name, path)
+        except BaseException as error:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)  # before the free space is measured
+            if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise disk_full_error(path, bound, upper_bound=True) from None
+            # SimpleITK reports a failed write as a RuntimeError without errno; too little free
+            # space for the uncompressed volume is then the likely cause, and is what to report.
+            free = preflight.free_bytes(path.parent) if isinstance(error, RuntimeError) else None
+            if free is not None and free < bound:
+                raise disk_full_error(path, bound, upper_bound=True) from None
+            raise

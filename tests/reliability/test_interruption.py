@@ -209,3 +209,24 @@ def test_sigterm_stops_training_cleanly_and_releases_the_fold(tiny_work, monkeyp
     assert not (folder / "checkpoint_latest.pt").exists()
     with work_lock(folder, "train fold 0"):
         pass
+
+
+def test_an_interrupt_just_after_the_temporary_is_created_leaves_nothing_behind(tmp_path, monkeypatch):
+    # Ctrl-C or SIGTERM (turned into KeyboardInterrupt) can arrive between any two bytecodes,
+    # also right after the temporary file exists and before the writer knows its name.
+    from kitspipe.atomic import TEMP_PREFIX, atomic_write_json
+
+    target = tmp_path / "manifest.json"
+    atomic_write_json(target, {"status": "complete"})
+    real_open = os.open
+
+    def open_then_interrupt(*args, **kwargs):
+        real_open(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write_json(target, {"status": "incomplete"})
+    monkeypatch.undo()
+    assert not list(tmp_path.glob(TEMP_PREFIX + "*"))
+    assert json.loads(target.read_text()) == {"status": "complete"}
