@@ -33,9 +33,13 @@ PRECISION_FLAG = $(if $(MIXED_PRECISION),--mixed-precision $(MIXED_PRECISION))
 MIRROR_AXES ?=
 MIRROR_FLAG = $(if $(MIRROR_AXES),--mirror-axes $(filter-out none,$(MIRROR_AXES)))
 PREPROCESSED = $(WORK)/preprocessed/manifest.json
+# nnU-Net v2 for the side-by-side benchmarks lives in a virtual environment of its own: its
+# dependencies (timm -> torchvision) require a newer torch than the project's pinned CPU build.
+BENCH_VENV ?= .venv-bench
+NNUNET ?= nnunetv2==2.8.1
 
 .PHONY: install test demo synth check fingerprint show-fingerprint plan preprocess train cv infer evaluate \
-	cv-folds bench clean-work report
+	cv-folds bench bench-nnunet clean-work report
 
 install:
 	$(PYTHON) -m pip install --quiet $(TORCH)
@@ -97,6 +101,13 @@ bench:
 	$(PYTHON) bench/train_step.py
 	$(PYTHON) bench/infer.py
 	$(PYTHON) bench/whole_case_inference.py --amp
+
+# The same benchmarks with nnU-Net's preprocessing and predictor side by side (same run, same torch).
+bench-nnunet:
+	$(PYTHON) -m venv --system-site-packages $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet "$(NNUNET)"
+	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	$(MAKE) bench PYTHON=$(BENCH_VENV)/bin/python
 
 clean-work:
 	rm -rf $(WORK)

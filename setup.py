@@ -27,7 +27,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "hypothesis>=6"],
-        "bench": ["nnunetv2"],
+        "bench": ["nnunetv2==2.8.1"],  # pulls its own torch: see `make bench-nnunet`
     },
     entry_points={"console_scripts": ["kitspipe=kitspipe.cli:main"]},
 )

@@ -40,7 +40,14 @@ the same device in a child of its own (float32, and bf16 with ``--amp``), the ce
 GFLOP/s column. On CUDA the peak GPU memory (``torch.cuda.max_memory_allocated``) of each run is
 printed next to ``kitspipe.inference.tile_budget``'s estimate for fast mode's largest tile.
 
-    python bench/infer.py                        # CPU: crops, 2.5-4 min on 2 cores
+When ``nnunetv2`` is importable (``pip install -e '.[bench]'``) and the device is the CPU, the
+case then goes end to end through nnU-Net's predictor and through everything ``kitspipe infer``
+does (``bench/nnunet_reference.py``, ``bench/whole_case_inference.py``), no test-time mirroring
+on either side, and the ratio of the two is printed. nnU-Net plans on ``--nnunet-plan-cases``
+synthetic cases (its target spacing is their median) and runs 1 × 2 × 2 of its tiles, scaled to
+the whole case's tile count (``--nnunet-whole``: all of them, ~15 min per run).
+
+    python bench/infer.py                        # CPU: crops, 2.5-4 min on 2 cores (+ ~12 min with nnU-Net)
     python bench/infer.py --quick                # 14 mm / 48 mm crops, 1 run each
     python bench/infer.py --device cuda          # whole case, both modes
     python bench/infer.py --device cuda --amp --quick   # bf16; paper mode on a 100 mm crop
@@ -59,7 +66,10 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 import ceiling  # noqa: E402
+import nnunet_reference  # noqa: E402
+import whole_case_inference  # noqa: E402
 from benchlib import ChildResult, Summary, mib, summary_json, table  # noqa: E402
+from infer_regions import crop_box, kidney_region, mode_settings  # noqa: E402
 from inference_flops import (count_flops, dense_flops_per_voxel, fast_mode_flops, mask_branch,  # noqa: E402
                              paper_mode_tiles, spy_on_tile_plans)
 
@@ -74,6 +84,10 @@ def child_main(spec: dict[str, Any]) -> None:
         child_prepare(spec)
     elif spec["task"] == "conv":
         child_conv(spec)
+    elif spec["task"] == "nnunet":
+        nnunet_reference.child_predict(spec)
+    elif spec["task"] == "end_to_end":
+        whole_case_inference.child_main(spec)
     else:
         child_predict(spec)
 
@@ -180,60 +194,6 @@ def child_predict(spec: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- parent side
 
-def crop_box(centre: list[float], high_shape: list[int], low_shape: list[int], size_mm: int,
-             scale: int) -> list[list[int]] | None:
-    """The same physical box on both grids: a cube of ``size_mm`` 1 mm voxels around ``centre``
-    whose start is a multiple of ``scale`` (so it is a whole number of 4 mm voxels); None = whole case."""
-    if size_mm <= 0 or all(size_mm >= n for n in high_shape):
-        return None
-    high_start, high_size, low_start, low_size = [], [], [], []
-    for c, n_high, n_low in zip(centre, high_shape, low_shape):
-        size = min(size_mm, n_high)
-        start = int(round(c - size / 2))
-        start = max(0, min(start, n_high - size)) // scale * scale
-        high_start.append(start)
-        high_size.append(size)
-        low_start.append(start // scale)
-        low_size.append(min(n_low - start // scale, math.ceil((start + size) / scale) - start // scale))
-    return [high_start, high_size, low_start, low_size]
-
-
-def kidney_region(foreground_high: list[list[int]], plans, high_shape: list[int]) -> list[list[int]]:
-    """The box ``roi`` mode computes: what ``inference.restrict_to_low_resolution_mask`` would pick
-    if the low-resolution network found exactly the reference kidneys and tumours (the untrained
-    weights here find nothing meaningful), by kitspipe's own ``fine_region``."""
-    import numpy as np
-
-    from kitspipe.inference.region_of_interest import fine_region
-
-    mask = np.zeros(high_shape, dtype=np.float32)
-    mask[tuple(slice(a, b) for a, b in foreground_high)] = 1.0
-    box = fine_region(mask, plans)
-    return [list(box.start), list(box.stop)]
-
-
-def mode_settings(args) -> dict[str, dict[str, int]]:
-    """Crop (mm, 0 = whole case) and runs of each mode."""
-    on_cpu = args.device == "cpu"
-    settings = {}
-    for mode in args.modes:
-        if mode == "roi":  # the point of it is the whole case
-            settings[mode] = {"crop_mm": 0, "runs": args.repeats or (1 if args.quick or on_cpu else 3)}
-            continue
-        if args.crop is not None:
-            crop = args.crop
-        elif not on_cpu:
-            crop = 100 if args.quick and mode == "paper" else 0
-        elif mode == "paper":
-            crop = 14 if args.quick else 30
-        else:
-            crop = 48 if args.quick else 96
-        slow = on_cpu and mode == "paper"
-        runs = args.repeats or (1 if args.quick or slow else 3)
-        settings[mode] = {"crop_mm": crop, "runs": runs}
-    return settings
-
-
 def measure(args) -> dict[str, Any]:
     from kitspipe.fingerprint import load_fingerprint, run_fingerprint
     from kitspipe.planning import run_plan
@@ -241,9 +201,14 @@ def measure(args) -> dict[str, Any]:
 
     with benchlib.data_folder(args.data) as data, benchlib.scratch_folder("infer") as scratch:
         if not benchlib.has_cases(data):
-            print(f"synthesizing full-size case {args.case} (seed {args.seed}) in {data} ...", flush=True)
-            benchlib.synthesize(data, [args.case], args.seed, "full")
-        case = benchlib.labelled_cases(data, 1)[0]
+            # nnU-Net plans its target spacing from the dataset: from this one case alone it would not resample.
+            others = [i for i in range(args.case + args.nnunet_plan_cases) if i != args.case]
+            indices = [args.case] + (others[:args.nnunet_plan_cases - 1] if args.nnunet and args.device == "cpu"
+                                     and nnunet_reference.available() else [])
+            print(f"synthesizing full-size cases {indices} (seed {args.seed}) in {data} ...", flush=True)
+            benchlib.synthesize(data, indices, args.seed, "full")
+        plan_cases = benchlib.labelled_cases(data, args.nnunet_plan_cases)
+        case = next((c for c in plan_cases if c.case_id == f"case_{args.case:05d}"), plan_cases[0])
         linked = benchlib.link_case(case, scratch / "data")
         work = scratch / "work"
         run_fingerprint(linked, work, progress=False)
@@ -274,7 +239,15 @@ def measure(args) -> dict[str, Any]:
         print("conv3d 32→32 reference ...", flush=True)
         conv = benchlib.run_child(SCRIPT, {"task": "conv", "device": args.device, "amp": args.amp,
                                            "repeats": args.repeats or (1 if args.quick else 3)}).extra["conv"]
-    return report(case.case_id, fingerprint, plans, prepared, results, boxes, high_shape, low_shape, conv, args)
+        comparison = (nnunet_reference.compare_inference(SCRIPT, case, plan_cases, plans_path, scratch, args)
+                      if args.nnunet else None)
+    figures = report(case.case_id, fingerprint, plans, prepared, results, boxes, high_shape, low_shape, conv, args)
+    if isinstance(comparison, str):
+        print(comparison)
+        figures["nnunet"] = {"skipped": comparison}
+    elif comparison:
+        figures["nnunet"] = nnunet_reference.report_inference(*comparison, "bf16" if args.amp else "float32")
+    return figures
 
 
 def report(case_id: str, fingerprint: dict, plans, prepared: ChildResult, results: dict[str, list[ChildResult]],
@@ -398,6 +371,13 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="paper and fast tiling, and roi = fast mode on the kidneys' box only "
                              "(always the whole case; default: all three)")
+    parser.add_argument("--no-nnunet", dest="nnunet", action="store_false",
+                        help="skip the end-to-end comparison with nnU-Net's predictor (run when nnunetv2 is importable)")
+    parser.add_argument("--nnunet-whole", action="store_true",
+                        help="nnU-Net's sliding window on the whole case (~15 min per run on 2 cores) instead of "
+                             "1×2×2 of its tiles scaled to the whole case's tile count")
+    parser.add_argument("--nnunet-plan-cases", type=int, default=5,
+                        help="cases nnU-Net's planner sees (its target spacing is their median; default 5)")
     args = parser.parse_args()
     benchlib.run_benchmark(args, "bench/infer.py", measure, child_main, notes=(), after=None)
 

@@ -7,8 +7,10 @@ Measured, each in a fresh child process (clean peak RSS, see benchlib):
   ``kitspipe.preprocessing.run_preprocess(work, jobs=1)`` with the ``paper`` plan (1 mm and
   4 mm outputs), seconds and peak RSS, next to the case's size as float32;
 * the whole dataset: ``run_preprocess`` with ``jobs=1`` and ``jobs=2``;
-* if ``nnunetv2`` is importable: nnU-Net's own ``3d_fullres`` and ``3d_lowres``
-  preprocessing (``nnUNetv2_preprocess -np 1``) of the same cases in the same run.
+* if ``nnunetv2`` is importable (``pip install -e '.[bench]'``): nnU-Net's own ``3d_fullres``
+  and ``3d_lowres`` preprocessing (``nnUNetv2_preprocess -np 1`` and ``-np 2``) of the same cases in
+  the same run, planned by nnU-Net on these cases (``bench/nnunet_reference.py``), and the ratio
+  of kitspipe's time to the sum of nnU-Net's two configurations with as many workers.
 
 Synthetic cases (``kitspipe.synthetic``, size ``full``) are picked from the first candidates
 of the seed so that their sizes spread from small to large: the per-case rows are the data
@@ -21,11 +23,8 @@ of the scaling plot (``--plot docs/preprocess_scaling.png``).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import os
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +32,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+import nnunet_reference  # noqa: E402
 from benchlib import ChildResult, Summary, mib, summary_json, table  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 CANDIDATES = 12  # synthetic case indices the spread of sizes is picked from
-NNUNET_DATASET_ID = 987
-NNUNET_DATASET_NAME = f"Dataset{NNUNET_DATASET_ID}_KitspipeBench"
 NNUNET_CONFIGURATIONS = ("3d_fullres", "3d_lowres")
+NNUNET_WORKERS = (1, 2)
 
 
 # ----------------------------------------------------------------------------- child side
@@ -60,18 +59,11 @@ def child_main(spec: dict[str, Any]) -> None:
         clock = benchlib.ChildClock()
         run_preprocess(spec["work"], jobs=spec["jobs"], progress=False, force=True)
     elif task == "nnunet":
-        from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import preprocess_entry
-
-        sys.argv = ["nnUNetv2_preprocess", "-d", str(NNUNET_DATASET_ID), "-c", spec["configuration"],
-                    "-np", "1"]
-        baseline = benchlib.rss_bytes()
-        clock = benchlib.ChildClock()
-        preprocess_entry()
+        nnunet_reference.child_preprocess(spec)
+        return
     elif task == "nnunet_import":
-        clock = benchlib.ChildClock()
-        import nnunetv2.experiment_planning.plan_and_preprocess_entrypoints  # noqa: F401
-
-        baseline = 0
+        nnunet_reference.child_import()
+        return
     else:
         raise ValueError(f"unknown task {task!r}")
     benchlib.child_report(clock, baseline)
@@ -136,39 +128,6 @@ def output_shapes(work: Path, case_id: str) -> tuple[tuple[int, ...], tuple[int,
     return tuple(properties["high_grid"]["shape"]), tuple(properties["low_grid"]["shape"])
 
 
-def nnunet_setup(cases: list, root: Path) -> dict[str, str]:
-    """An nnU-Net raw dataset of hard links to the same cases, fingerprinted and planned."""
-    raw, preprocessed, results = root / "raw", root / "preprocessed", root / "results"
-    dataset = raw / NNUNET_DATASET_NAME
-    (dataset / "imagesTr").mkdir(parents=True)
-    (dataset / "labelsTr").mkdir(parents=True)
-    for case in cases:
-        benchlib.link_file(Path(case.image), dataset / "imagesTr" / f"{case.case_id}_0000.nii.gz")
-        benchlib.link_file(Path(case.label), dataset / "labelsTr" / f"{case.case_id}.nii.gz")
-    (dataset / "dataset.json").write_text(json.dumps({
-        "channel_names": {"0": "CT"}, "labels": {"background": 0, "kidney": 1, "tumor": 2},
-        "numTraining": len(cases), "file_ending": ".nii.gz"}, indent=2))
-    preprocessed.mkdir()
-    results.mkdir()
-    env = {"nnUNet_raw": str(raw), "nnUNet_preprocessed": str(preprocessed), "nnUNet_results": str(results)}
-    setup = ("import sys\n"
-             "from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import "
-             "extract_fingerprint_entry, plan_experiment_entry\n"
-             f"sys.argv = ['x', '-d', '{NNUNET_DATASET_ID}', '-np', '1']\n"
-             "extract_fingerprint_entry()\n"
-             f"sys.argv = ['x', '-d', '{NNUNET_DATASET_ID}']\n"
-             "plan_experiment_entry()\n")
-    subprocess.run([sys.executable, "-c", setup], env={**os.environ, **env}, check=True,
-                   capture_output=True, text=True)
-    return env
-
-
-def nnunet_configurations(env: dict[str, str]) -> list[str]:
-    """The wanted configurations that nnU-Net's planner produced for these cases."""
-    plans = json.loads((Path(env["nnUNet_preprocessed"]) / NNUNET_DATASET_NAME / "nnUNetPlans.json").read_text())
-    return [c for c in NNUNET_CONFIGURATIONS if c in plans.get("configurations", {})]
-
-
 def measure(args) -> dict[str, Any]:
     repeats = args.repeats or (1 if args.quick else 3)
     n_cases = args.cases or (2 if args.quick else 3)
@@ -193,16 +152,17 @@ def measure(args) -> dict[str, Any]:
 
         nnunet_env: dict[str, str] | None = None
         nnunet_note = ""
-        if importlib.util.find_spec("nnunetv2") is None:
-            nnunet_note = "nnunetv2 is not importable here: nnU-Net comparison skipped (not installed by this script)"
+        if not nnunet_reference.available():
+            nnunet_note = "nnunetv2 is not importable here: nnU-Net comparison skipped (pip install -e '.[bench]')"
         else:
-            nnunet_env = nnunet_setup(cases, scratch / "nnunet")
-        nnunet_configs = nnunet_configurations(nnunet_env) if nnunet_env else []
+            nnunet_env = nnunet_reference.setup(cases, scratch / "nnunet")
+        nnunet_configs = nnunet_reference.planned(nnunet_env, NNUNET_CONFIGURATIONS) if nnunet_env else []
 
         # jobs=1 over the dataset is the sequence of the per-case runs (same code path, one case
         # after the other), so only jobs=2 is run over the whole dataset.
         dataset_runs: dict[str, list[ChildResult]] = {"jobs=2": []} if len(cases) > 1 else {}
-        nnunet_runs: dict[str, list[ChildResult]] = {c: [] for c in nnunet_configs}
+        nnunet_runs: dict[tuple[str, int], list[ChildResult]] = {(c, w): [] for w in NNUNET_WORKERS
+                                                                  for c in nnunet_configs}
         # Repeats are interleaved so that a change of machine load spreads over every measurement.
         for repeat in range(repeats):
             print(f"repeat {repeat + 1}/{repeats} ...", flush=True)
@@ -214,9 +174,9 @@ def measure(args) -> dict[str, Any]:
             if dataset_runs:
                 dataset_runs["jobs=2"].append(benchlib.run_child(SCRIPT, {"task": "preprocess", "work": str(all_work),
                                                                           "jobs": 2}))
-            for config in nnunet_configs:
-                nnunet_runs[config].append(benchlib.run_child(SCRIPT, {"task": "nnunet", "configuration": config},
-                                                              env=nnunet_env))
+            for config, workers in nnunet_runs:
+                nnunet_runs[config, workers].append(benchlib.run_child(
+                    SCRIPT, {"task": "nnunet", "configuration": config, "workers": workers}, env=nnunet_env))
         nnunet_import = [benchlib.run_child(SCRIPT, {"task": "nnunet_import"}, env=nnunet_env)
                          for _ in range(repeats)] if nnunet_env else []
         for run in runs:
@@ -226,7 +186,8 @@ def measure(args) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- report
 
-def report(runs: list[CaseRun], dataset_runs: dict[str, list[ChildResult]], nnunet_runs: dict[str, list[ChildResult]],
+def report(runs: list[CaseRun], dataset_runs: dict[str, list[ChildResult]],
+           nnunet_runs: dict[tuple[str, int], list[ChildResult]],
            nnunet_import: list[ChildResult], nnunet_note: str, repeats: int, args) -> dict[str, Any]:
     rows = []
     figures_cases = []
@@ -293,7 +254,7 @@ def report(runs: list[CaseRun], dataset_runs: dict[str, list[ChildResult]], nnun
         print(nnunet_note)
         figures["nnunet"] = {"skipped": nnunet_note}
     else:
-        figures["nnunet"] = nnunet_figures(runs, nnunet_runs, nnunet_import)
+        figures["nnunet"] = nnunet_figures(runs, dataset_runs, nnunet_runs, nnunet_import)
     return figures
 
 
@@ -310,35 +271,49 @@ def sequential_runs(runs: list[CaseRun]) -> list[ChildResult]:
     return totals
 
 
-def nnunet_figures(runs: list[CaseRun], nnunet_runs: dict[str, list[ChildResult]],
+def nnunet_figures(runs: list[CaseRun], dataset_runs: dict[str, list[ChildResult]],
+                   nnunet_runs: dict[tuple[str, int], list[ChildResult]],
                    nnunet_import: list[ChildResult]) -> dict[str, Any]:
+    """nnU-Net's preprocessing of the same cases next to kitspipe's, 1 and 2 workers, and the ratios."""
     n = len(runs)
-    figures: dict[str, Any] = {"configurations": list(nnunet_runs)}
+    configurations = sorted({c for c, _ in nnunet_runs}, key=NNUNET_CONFIGURATIONS.index)
+    figures: dict[str, Any] = {"version": nnunet_reference.version(), "configurations": configurations}
+    kitspipe = {1: dataset_runs.get("jobs=1") or sequential_runs(runs), 2: dataset_runs.get("jobs=2")}
     rows = []
-    total = 0.0
-    for config, results in nnunet_runs.items():
-        seconds = Summary.of([r.seconds for r in results])
-        total += seconds.median
-        rows.append([f"nnU-Net {config} -np 1", seconds.fmt(), f"{seconds.median / n:.2f}",
-                     mib(Summary.of([r.peak_rss for r in results]).median),
-                     mib(Summary.of([r.tree_peak_rss for r in results]).median)])
-        figures[config] = {"seconds": summary_json([r.seconds for r in results]),
-                           "cpu_seconds": summary_json([r.cpu_seconds for r in results]),
-                           "peak_rss_bytes": summary_json([r.peak_rss for r in results]),
-                           "tree_peak_rss_bytes": summary_json([r.tree_peak_rss for r in results])}
-    sequential = sequential_runs(runs)
-    kits = Summary.of([r.seconds for r in sequential])
-    kits_peak = Summary.of([r.peak_rss for r in sequential]).median
-    rows.append(["kitspipe paper plan -j1", kits.fmt(), f"{kits.median / n:.2f}", mib(kits_peak), mib(kits_peak)])
-    print(table(["stage", "seconds", "s per case", "peak RSS/process MiB", "peak RSS all processes MiB"], rows,
-                title=f"nnU-Net on the same {n} cases (seconds exclude interpreter start and imports)"))
+    for workers in NNUNET_WORKERS:
+        total = 0.0
+        for config in configurations:
+            results = nnunet_runs[config, workers]
+            seconds = Summary.of([r.seconds for r in results])
+            total += seconds.median
+            rows.append([f"nnU-Net {config} -np {workers}", seconds.fmt(), f"{seconds.median / n:.2f}",
+                         Summary.of([r.cpu_seconds for r in results]).fmt(1),
+                         mib(Summary.of([r.peak_rss for r in results]).median),
+                         mib(Summary.of([r.tree_peak_rss for r in results]).median), ""])
+            figures[f"{config} -np {workers}"] = {
+                "seconds": summary_json([r.seconds for r in results]),
+                "cpu_seconds": summary_json([r.cpu_seconds for r in results]),
+                "peak_rss_bytes": summary_json([r.peak_rss for r in results]),
+                "tree_peak_rss_bytes": summary_json([r.tree_peak_rss for r in results])}
+        if not kitspipe[workers]:
+            continue
+        ours = Summary.of([r.seconds for r in kitspipe[workers]])
+        ratio = ours.median / total
+        rows.append([f"kitspipe paper plan -j{workers}", ours.fmt(), f"{ours.median / n:.2f}",
+                     Summary.of([r.cpu_seconds for r in kitspipe[workers]]).fmt(1),
+                     mib(Summary.of([r.peak_rss for r in kitspipe[workers]]).median),
+                     mib(Summary.of([r.tree_peak_rss for r in kitspipe[workers]]).median), f"{ratio:.2f}×"])
+        figures[f"seconds_ratio_kitspipe_over_nnunet_{workers}_workers"] = ratio
+    print(table(["stage", "seconds", "s per case", "CPU s", "peak RSS/process MiB", "peak RSS all processes MiB",
+                 "kitspipe / nnU-Net"], rows,
+                title=f"nnU-Net {figures['version']} on the same {n} cases, same run (seconds exclude interpreter "
+                      f"start and imports; kitspipe / nnU-Net = kitspipe ÷ the sum of nnU-Net's "
+                      f"{' + '.join(configurations)} with as many workers)"))
     if nnunet_import:
         print(f"(nnU-Net's import alone: {Summary.of([r.seconds for r in nnunet_import]).fmt()} s, not counted)")
-    ratio = total / kits.median
-    missing = [c for c in NNUNET_CONFIGURATIONS if c not in nnunet_runs]
-    print(f"nnU-Net ({' + '.join(nnunet_runs)}) / kitspipe (1 mm + 4 mm): {ratio:.2f}×"
-          + (f"; nnU-Net planned no {', '.join(missing)} for these cases" if missing else ""))
-    figures["seconds_ratio_nnunet_over_kitspipe"] = ratio
+    missing = [c for c in NNUNET_CONFIGURATIONS if c not in configurations]
+    if missing:
+        print(f"nnU-Net planned no {', '.join(missing)} for these cases")
     return figures
 
 
