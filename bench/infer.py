@@ -47,7 +47,7 @@ on either side, and the ratio of the two is printed. nnU-Net plans on ``--nnunet
 synthetic cases (its target spacing is their median) and runs 1 × 2 × 2 of its tiles, scaled to
 the whole case's tile count (``--nnunet-whole``: all of them, ~15 min per run).
 
-    python bench/infer.py                        # CPU: crops, 2.5-4 min on 2 cores (+ ~12 min with nnU-Net)
+    python bench/infer.py                        # CPU: crops, 2.5-4 min on 2 cores (+ ~10 min with nnU-Net)
     python bench/infer.py --quick                # 14 mm / 48 mm crops, 1 run each
     python bench/infer.py --device cuda          # whole case, both modes
     python bench/infer.py --device cuda --amp --quick   # bf16; paper mode on a 100 mm crop

@@ -122,16 +122,13 @@ def crop_slices(shape: tuple[int, ...], patch: tuple[int, ...], tiles_per_axis: 
     return tuple(slices)
 
 
-def child_predict(spec: dict[str, Any]) -> None:
-    """One case through nnU-Net's predictor, stage by stage (see the module's docstring)."""
+def planned_network(deep_supervision: bool):
+    """nnU-Net's plans manager, 3d_fullres configuration, dataset.json and the network it
+    describes, with seeded initial weights (the cost of a step does not depend on them)."""
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
-    from nnunetv2.inference.export_prediction import export_prediction_from_logits
-    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    from inference_flops import count_flops
 
     folder = Path(os.environ["nnUNet_preprocessed"]) / DATASET_NAME
     plans_manager = PlansManager(str(folder / "nnUNetPlans.json"))
@@ -141,7 +138,72 @@ def child_predict(spec: dict[str, Any]) -> None:
     torch.manual_seed(0)
     network = get_network_from_plans(configuration.network_arch_class_name, configuration.network_arch_init_kwargs,
                                      configuration.network_arch_init_kwargs_req_import, 1, heads,
-                                     allow_init=True, deep_supervision=False).eval()
+                                     allow_init=True, deep_supervision=deep_supervision)
+    return plans_manager, configuration, dataset_json, network
+
+
+def child_train_step(spec: dict[str, Any]) -> None:
+    """nnUNetTrainer's ``train_step`` on the CPU: batch and patch of the 3d_fullres plan, deep
+    supervision with its loss weights, Dice + cross-entropy, gradient clipping at 12, SGD with
+    Nesterov momentum; float32 (nnU-Net autocasts only on CUDA). The batch is random: the cost
+    of a step does not depend on the values. The first step is a warm-up whose FLOPs
+    ``torch.utils.flop_counter`` counts; then a plain conv3d 32→32 in the same process."""
+    import numpy as np
+    import torch
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import ceiling
+
+    _, configuration, _, network = planned_network(deep_supervision=True)
+    network.train()
+    batch, patch = configuration.batch_size, tuple(configuration.patch_size)
+    optimiser = torch.optim.SGD(network.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
+    loss = DC_and_CE_loss({"batch_dice": configuration.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                          weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randn((batch, 1, *patch), generator=generator)
+    targets: list = []
+
+    def step() -> None:
+        optimiser.zero_grad(set_to_none=True)
+        outputs = network(image)
+        if not targets:  # one target per deep-supervision output, at its resolution
+            targets.extend(torch.randint(0, 3, (batch, 1, *o.shape[2:]), generator=generator).float() for o in outputs)
+        weights = np.array([1 / 2**i for i in range(len(outputs))])
+        weights[-1] = 0
+        total = DeepSupervisionWrapper(loss, weights / weights.sum())(outputs, targets)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
+        optimiser.step()
+
+    baseline = benchlib.rss_bytes()
+    clock = benchlib.ChildClock()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    seconds = []
+    for _ in range(spec["steps"]):
+        started = time.perf_counter()
+        step()
+        seconds.append(time.perf_counter() - started)
+    conv = ceiling.conv_reference(108, 32, "cpu", spec["conv_repeats"], False)
+    benchlib.child_report(clock, baseline, step_s=seconds, counted_gflop=counter.get_total_flops() / 1e9,
+                          batch_size=batch, patch_size=list(patch), conv=conv)
+
+
+def child_predict(spec: dict[str, Any]) -> None:
+    """One case through nnU-Net's predictor, stage by stage (see the module's docstring)."""
+    import torch
+    from nnunetv2.inference.export_prediction import export_prediction_from_logits
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from inference_flops import count_flops
+
+    plans_manager, configuration, dataset_json, network = planned_network(deep_supervision=False)
+    network.eval()
     flops = count_flops(network)
     predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
                                 perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
@@ -166,7 +228,7 @@ def child_predict(spec: dict[str, Any]) -> None:
     logits = predictor.predict_sliding_window_return_logits(window_input)
     marks.append(time.perf_counter())
     if crop is not None:  # not timed: stand-in logits of the whole case for the export
-        logits = torch.randn((heads, *data.shape[1:]), dtype=torch.float16)
+        logits = torch.randn((logits.shape[0], *data.shape[1:]), dtype=torch.float16)
     marks.append(time.perf_counter())
     export_prediction_from_logits(logits, properties, configuration, plans_manager, dataset_json,
                                   str(Path(spec["out"]) / "nnunet_prediction"), False, num_threads_torch=threads)
@@ -270,3 +332,58 @@ def report_inference(nnunet_runs: list[benchlib.ChildResult], kitspipe_runs: lis
             "kitspipe_seconds": summary_json([r.seconds for r in kitspipe_runs]),
             "kitspipe_peak_rss_bytes": summary_json([r.peak_rss for r in kitspipe_runs]),
             "seconds_ratio_kitspipe_over_nnunet": ratio}
+
+
+def compare_training(script: Path, scratch: Path, args, plan_cases: int = 5) -> benchlib.ChildResult | str:
+    """nnU-Net's training step with its 3d_fullres plan for ``plan_cases`` full-size synthetic
+    cases, in a child of ``script`` (task ``nnunet``); or why it was skipped."""
+    if args.device != "cpu":
+        return "nnU-Net comparison skipped: it runs on the CPU only (run without --device cuda)"
+    if not available():
+        return "nnunetv2 is not importable here: nnU-Net comparison skipped (pip install -e '.[bench]')"
+    data = scratch / "nnunet_cases"
+    print(f"nnU-Net: synthesizing {plan_cases} full-size cases and planning ...", flush=True)
+    benchlib.synthesize(data, range(plan_cases), args.seed, "full")
+    env = setup(benchlib.labelled_cases(data), scratch / "nnunet")
+    steps = args.repeats or (1 if args.quick else 2)
+    print(f"nnU-Net {CONFIGURATION}: 1 warm-up + {steps} timed training steps ...", flush=True)
+    return benchlib.run_child(script, {"task": "nnunet", "steps": steps, "conv_repeats": 1 if args.quick else 3},
+                              env=env)
+
+
+def report_training(result: benchlib.ChildResult, kitspipe: dict[str, Any] | None, amp: bool) -> dict[str, Any]:
+    """nnU-Net's step next to the kitspipe ``paper`` preset's (``kitspipe``: its train_step figures)."""
+    from benchlib import Summary, mib, summary_json, table
+
+    r = result.extra
+    seconds = Summary.of(r["step_s"])
+    gflops = r["counted_gflop"] / seconds.median
+    ceiling_gflops = r["conv"]["forward_backward_gflops"]
+    voxels = r["batch_size"] * math.prod(r["patch_size"])
+    rows = [[f"nnU-Net {version()} {CONFIGURATION}", f"{r['batch_size']} × {'×'.join(map(str, r['patch_size']))}",
+             "fp32", f"{r['counted_gflop']:.0f}", seconds.fmt(2), f"{gflops:.0f}", f"{ceiling_gflops:.0f}",
+             f"{100 * gflops / ceiling_gflops:.0f} %", f"{voxels / seconds.median / 1e3:.1f}", mib(result.peak_rss)]]
+    figures = {"nnunet_version": version(), "configuration": CONFIGURATION, "batch_size": r["batch_size"],
+               "patch_size": r["patch_size"], "counted_gflop": r["counted_gflop"],
+               "step_s": summary_json(r["step_s"]), "gflops": gflops, "conv_reference": r["conv"],
+               "of_conv3d": gflops / ceiling_gflops, "peak_rss_bytes": result.peak_rss}
+    if kitspipe:
+        precision = "bf16" if amp else "fp32"
+        step = kitspipe["step_s"]["median"]
+        conv = next(c for c in kitspipe["conv_reference"] if c["channels"] == 32 and c["precision"] == precision)
+        kitspipe_gflops = kitspipe["counted_gflop"] / kitspipe["compute_s"]["median"]
+        kitspipe_voxels = kitspipe["batch_size"] * kitspipe["high_output"] ** 3
+        rows.append(["kitspipe paper", f"{kitspipe['batch_size']} × {kitspipe['high_output']}³ (out)", precision,
+                     f"{kitspipe['counted_gflop']:.0f}", f"{step:.2f}", f"{kitspipe_gflops:.0f}",
+                     f"{conv['forward_backward_gflops']:.0f}",
+                     f"{100 * kitspipe_gflops / conv['forward_backward_gflops']:.0f} %",
+                     f"{kitspipe_voxels / step / 1e3:.1f}", mib(kitspipe["peak_rss_bytes"])])
+        figures["kitspipe_paper_of_conv3d"] = kitspipe_gflops / conv["forward_backward_gflops"]
+    print()
+    print(table(["network", "batch × patch", "precision", "GFLOP/step", "s/step", "GFLOP/s", "conv3d GFLOP/s",
+                 "of conv3d", "k output voxels/s", "peak RSS MiB"], rows,
+                title="Training step next to nnU-Net's on the same CPU, same run (conv3d: 32→32 forward+backward "
+                      "in the same process and precision)"))
+    print("(nnU-Net: nnUNetTrainer's step on a random batch, float32 as it runs on a CPU; its data augmentation "
+          "is not included)")
+    return figures

@@ -181,14 +181,18 @@ def measure(args) -> dict[str, Any]:
                          for _ in range(repeats)] if nnunet_env else []
         for run in runs:
             run.high_shape, run.low_shape = output_shapes(run.work, run.case_id)
-    return report(runs, dataset_runs, nnunet_runs, nnunet_import, nnunet_note, repeats, args)
+        # nnU-Net's plans give the target spacings it resampled to (the median of these cases).
+        nnunet_spacing = ({c: nnunet_reference.plans(nnunet_env)["configurations"][c]["spacing"]
+                           for c in nnunet_configs} if nnunet_env else {})
+    return report(runs, dataset_runs, nnunet_runs, nnunet_import, nnunet_note, nnunet_spacing, repeats, args)
 
 
 # ----------------------------------------------------------------------------- report
 
 def report(runs: list[CaseRun], dataset_runs: dict[str, list[ChildResult]],
            nnunet_runs: dict[tuple[str, int], list[ChildResult]],
-           nnunet_import: list[ChildResult], nnunet_note: str, repeats: int, args) -> dict[str, Any]:
+           nnunet_import: list[ChildResult], nnunet_note: str, nnunet_spacing: dict[str, list[float]], repeats: int,
+           args) -> dict[str, Any]:
     rows = []
     figures_cases = []
     for run in runs:
@@ -254,7 +258,7 @@ def report(runs: list[CaseRun], dataset_runs: dict[str, list[ChildResult]],
         print(nnunet_note)
         figures["nnunet"] = {"skipped": nnunet_note}
     else:
-        figures["nnunet"] = nnunet_figures(runs, dataset_runs, nnunet_runs, nnunet_import)
+        figures["nnunet"] = nnunet_figures(runs, dataset_runs, nnunet_runs, nnunet_import, nnunet_spacing)
     return figures
 
 
@@ -273,11 +277,12 @@ def sequential_runs(runs: list[CaseRun]) -> list[ChildResult]:
 
 def nnunet_figures(runs: list[CaseRun], dataset_runs: dict[str, list[ChildResult]],
                    nnunet_runs: dict[tuple[str, int], list[ChildResult]],
-                   nnunet_import: list[ChildResult]) -> dict[str, Any]:
+                   nnunet_import: list[ChildResult], spacing: dict[str, list[float]]) -> dict[str, Any]:
     """nnU-Net's preprocessing of the same cases next to kitspipe's, 1 and 2 workers, and the ratios."""
     n = len(runs)
     configurations = sorted({c for c, _ in nnunet_runs}, key=NNUNET_CONFIGURATIONS.index)
-    figures: dict[str, Any] = {"version": nnunet_reference.version(), "configurations": configurations}
+    figures: dict[str, Any] = {"version": nnunet_reference.version(), "configurations": configurations,
+                               "target_spacing_mm": spacing}
     kitspipe = {1: dataset_runs.get("jobs=1") or sequential_runs(runs), 2: dataset_runs.get("jobs=2")}
     rows = []
     for workers in NNUNET_WORKERS:
@@ -309,6 +314,9 @@ def nnunet_figures(runs: list[CaseRun], dataset_runs: dict[str, list[ChildResult
                 title=f"nnU-Net {figures['version']} on the same {n} cases, same run (seconds exclude interpreter "
                       f"start and imports; kitspipe / nnU-Net = kitspipe ÷ the sum of nnU-Net's "
                       f"{' + '.join(configurations)} with as many workers)"))
+    print("nnU-Net's target spacings (its axis order, mm): "
+          + "; ".join(f"{c} {'×'.join(f'{v:.2f}' for v in spacing[c])}" for c in configurations)
+          + "; kitspipe's paper plan: 1 mm and 4 mm isotropic")
     if nnunet_import:
         print(f"(nnU-Net's import alone: {Summary.of([r.seconds for r in nnunet_import]).fmt()} s, not counted)")
     missing = [c for c in NNUNET_CONFIGURATIONS if c not in configurations]

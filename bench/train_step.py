@@ -21,6 +21,12 @@ blocks frozen as the trainer says). Measured:
 * the data loader alone: seconds per batch with the plan's workers, and one sample drawn in
   the calling process (no workers), i.e. the CPU cost of sampling + augmentation.
 
+When ``nnunetv2`` is importable (``pip install -e '.[bench]'``, or ``make bench-nnunet``) and the
+device is the CPU, nnUNetTrainer's step with the ``3d_fullres`` plan nnU-Net makes for five
+full-size synthetic cases runs next to them (``bench/nnunet_reference.child_train_step``: float32
+as nnU-Net runs on a CPU, 1 warm-up + 2 timed steps of ~85 s), with its share of a conv3d
+measured in its own process; ``--no-nnunet`` skips it.
+
 The ``cpu`` preset is resolved against a fingerprint of small synthetic cases; the
 ``paper`` preset against the same cases (resampled to 1 mm and 4 mm: a full 108³ patch pair).
 
@@ -47,6 +53,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 import ceiling  # noqa: E402
+import nnunet_reference  # noqa: E402
 from benchlib import Stopwatch, Summary, mib, summary_json, table  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
@@ -56,6 +63,9 @@ PRESETS = ("cpu", "paper")
 # ----------------------------------------------------------------------------- child side
 
 def child_main(spec: dict[str, Any]) -> None:
+    if spec.get("task") == "nnunet":
+        nnunet_reference.child_train_step(spec)
+        return
     import numpy as np
     import torch
 
@@ -226,7 +236,14 @@ def measure(args) -> dict[str, Any]:
                     "sample_repeats": 3}
             print(f"{preset}: {warmup} warm-up + {steps} timed steps ...", flush=True)
             results[preset] = benchlib.run_child(SCRIPT, spec)
-    return report(results, args)
+        nnunet = nnunet_reference.compare_training(SCRIPT, scratch, args) if args.nnunet else None
+    figures = report(results, args)
+    if isinstance(nnunet, str):
+        print(nnunet)
+        figures["nnunet"] = {"skipped": nnunet}
+    elif nnunet:
+        figures["nnunet"] = nnunet_reference.report_training(nnunet, figures["presets"].get("paper"), args.amp)
+    return figures
 
 
 def report(results: dict[str, benchlib.ChildResult], args) -> dict[str, Any]:
@@ -311,6 +328,8 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS),
                         help="presets to measure (default both)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic dataset seed (default 0)")
+    parser.add_argument("--no-nnunet", dest="nnunet", action="store_false",
+                        help="skip nnU-Net's training step (run on the CPU when nnunetv2 is importable)")
     args = parser.parse_args()
     benchlib.run_benchmark(args, "bench/train_step.py", measure, child_main, notes=(), after=None)
 
