@@ -37,9 +37,12 @@ PREPROCESSED = $(WORK)/preprocessed/manifest.json
 # dependencies (timm -> torchvision) require a newer torch than the project's pinned CPU build.
 BENCH_VENV ?= .venv-bench
 NNUNET ?= nnunetv2==2.8.1
+# A torch to install in that environment first, e.g. the CPU wheel:
+# BENCH_TORCH="torch==2.14.1 --index-url https://download.pytorch.org/whl/cpu" (empty: what nnunetv2 pulls).
+BENCH_TORCH ?=
 
 .PHONY: install test demo synth check fingerprint show-fingerprint plan preprocess train cv infer evaluate \
-	cv-folds bench bench-nnunet clean-work report
+	cv-folds bench bench-venv bench-nnunet clean-work report
 
 install:
 	$(PYTHON) -m pip install --quiet $(TORCH)
@@ -102,11 +105,21 @@ bench:
 	$(PYTHON) bench/infer.py
 	$(PYTHON) bench/whole_case_inference.py --amp
 
-# The same benchmarks with nnU-Net's preprocessing and predictor side by side (same run, same torch).
-bench-nnunet:
+# The same benchmarks with nnU-Net's preprocessing, predictor and training step side by side
+# (same run, same torch). The stamp names what was installed, so that changing NNUNET or
+# BENCH_TORCH, or an install that failed half-way, installs again.
+BENCH_STAMP = $(BENCH_VENV)/.installed-$(subst /,_,$(subst :,_,$(subst $(space),_,$(NNUNET)_$(BENCH_TORCH))))
+space := $(empty) $(empty)
+bench-venv: $(BENCH_STAMP)
+$(BENCH_STAMP):
 	$(PYTHON) -m venv --system-site-packages $(BENCH_VENV)
+	$(if $(BENCH_TORCH),$(BENCH_VENV)/bin/python -m pip install --quiet $(BENCH_TORCH))
 	$(BENCH_VENV)/bin/python -m pip install --quiet "$(NNUNET)"
 	$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	rm -f $(BENCH_VENV)/.installed-*
+	touch $@
+
+bench-nnunet: bench-venv
 	$(MAKE) bench PYTHON=$(BENCH_VENV)/bin/python
 
 clean-work:

@@ -30,8 +30,8 @@ on a 100 mm crop, 343 tiles, ``fast`` mode on the whole case).
 A third mode, ``roi``, is ``fast`` mode with ``inference.restrict_to_low_resolution_mask``: the
 1 mm network runs only on the box that post-processing's low-resolution mask can keep. The
 untrained network's 4 mm output means nothing, so the box is the one kitspipe's
-``low_resolution_region`` gives for the reference kidneys and tumours (the fingerprint's
-foreground box), i.e. what a trained network that found them would cost. It always runs on the
+``fine_region`` gives for the reference kidneys and tumours on the 1 mm grid
+(``whole_case_inference.kidney_box``), i.e. what a trained network that found them would cost. It always runs on the
 whole case, and its FLOPs/dense compares with one dense pass over the whole case.
 
 ``--amp`` runs the network under bf16 autocast through ``predict_volume(mixed_precision="bf16")``,
@@ -40,12 +40,13 @@ the same device in a child of its own (float32, and bf16 with ``--amp``), the ce
 GFLOP/s column. On CUDA the peak GPU memory (``torch.cuda.max_memory_allocated``) of each run is
 printed next to ``kitspipe.inference.tile_budget``'s estimate for fast mode's largest tile.
 
-When ``nnunetv2`` is importable (``pip install -e '.[bench]'``) and the device is the CPU, the
+When ``nnunetv2`` is importable (``make bench-nnunet``) and the device is the CPU, the
 case then goes end to end through nnU-Net's predictor and through everything ``kitspipe infer``
 does (``bench/nnunet_reference.py``, ``bench/whole_case_inference.py``), no test-time mirroring
 on either side, and the ratio of the two is printed. nnU-Net plans on ``--nnunet-plan-cases``
 synthetic cases (its target spacing is their median) and runs 1 × 2 × 2 of its tiles, scaled to
-the whole case's tile count (``--nnunet-whole``: all of them, ~15 min per run).
+the whole case's tile count (``--nnunet-whole``: all of them, ~17 min per run); ``--no-nnunet``
+skips the comparison.
 
     python bench/infer.py                        # CPU: crops, 2.5-4 min on 2 cores (+ ~10 min with nnU-Net)
     python bench/infer.py --quick                # 14 mm / 48 mm crops, 1 run each
@@ -69,7 +70,7 @@ import ceiling  # noqa: E402
 import nnunet_reference  # noqa: E402
 import whole_case_inference  # noqa: E402
 from benchlib import ChildResult, Summary, mib, summary_json, table  # noqa: E402
-from infer_regions import crop_box, kidney_region, mode_settings  # noqa: E402
+from infer_regions import crop_box, mode_settings  # noqa: E402
 from inference_flops import (count_flops, dense_flops_per_voxel, fast_mode_flops, mask_branch,  # noqa: E402
                              paper_mode_tiles, spy_on_tile_plans)
 
@@ -124,12 +125,8 @@ def child_prepare(spec: dict[str, Any]) -> None:
     bbox = spec["foreground_bbox"]
     centre = [((a + b) / 2 - start) * src / dst for (a, b), start, src, dst
               in zip(bbox, prepared.crop.start, image.grid.spacing, prepared.high_grid.spacing)]
-    foreground = [[max(0, math.floor((a - start) * src / dst)), min(n, math.ceil((b - start) * src / dst))]
-                  for (a, b), start, src, dst, n in zip(bbox, prepared.crop.start, image.grid.spacing,
-                                                        prepared.high_grid.spacing, high.shape)]
     benchlib.child_report(clock, baseline, prepare_seconds=seconds, prepare_cpu_seconds=cpu,
-                          high_shape=list(high.shape), low_shape=list(low.shape), kidney_centre_high=centre,
-                          foreground_high=foreground)
+                          high_shape=list(high.shape), low_shape=list(low.shape), kidney_centre_high=centre)
 
 
 def child_predict(spec: dict[str, Any]) -> None:
@@ -200,15 +197,18 @@ def measure(args) -> dict[str, Any]:
     from kitspipe.plans import load_plans
 
     with benchlib.data_folder(args.data) as data, benchlib.scratch_folder("infer") as scratch:
+        with_nnunet = args.nnunet and nnunet_reference.skip_reason(args.device) is None
         if not benchlib.has_cases(data):
             # nnU-Net plans its target spacing from the dataset: from this one case alone it would not resample.
             others = [i for i in range(args.case + args.nnunet_plan_cases) if i != args.case]
-            indices = [args.case] + (others[:args.nnunet_plan_cases - 1] if args.nnunet and args.device == "cpu"
-                                     and nnunet_reference.available() else [])
+            indices = [args.case] + (others[:args.nnunet_plan_cases - 1] if with_nnunet else [])
             print(f"synthesizing full-size cases {indices} (seed {args.seed}) in {data} ...", flush=True)
             benchlib.synthesize(data, indices, args.seed, "full")
         plan_cases = benchlib.labelled_cases(data, args.nnunet_plan_cases)
         case = next((c for c in plan_cases if c.case_id == f"case_{args.case:05d}"), plan_cases[0])
+        if with_nnunet and len(plan_cases) < args.nnunet_plan_cases:
+            print(f"warning: nnU-Net plans on the {len(plan_cases)} case(s) of {data}, not "
+                  f"{args.nnunet_plan_cases}: its target spacing is their median", flush=True)
         linked = benchlib.link_case(case, scratch / "data")
         work = scratch / "work"
         run_fingerprint(linked, work, progress=False)
@@ -225,6 +225,8 @@ def measure(args) -> dict[str, Any]:
         results: dict[str, list[ChildResult]] = {}
         boxes: dict[str, list[list[int]] | None] = {}
         settings = mode_settings(args)
+        # The box roi mode and the end-to-end comparison restrict the 1 mm network to.
+        region = whole_case_inference.kidney_box(case.image, case.label, plans)
         for mode in args.modes:
             box = crop_box(prepared.extra["kidney_centre_high"], high_shape, low_shape, settings[mode]["crop_mm"],
                            plans.scale)
@@ -233,14 +235,13 @@ def measure(args) -> dict[str, Any]:
             print(f"{mode} mode: {settings[mode]['runs']} run(s) on the {where} ...", flush=True)
             spec = {"task": "predict", "plans": str(plans_path), "high": str(scratch / "high.npy"),
                     "low": str(scratch / "low.npy"), "box": box, "mode": mode, "device": args.device, "amp": args.amp,
-                    "region": kidney_region(prepared.extra["foreground_high"], plans, high_shape) if mode == "roi"
-                    else None}
+                    "region": region if mode == "roi" else None}
             results[mode] = [benchlib.run_child(SCRIPT, spec) for _ in range(settings[mode]["runs"])]
         print("conv3d 32→32 reference ...", flush=True)
         conv = benchlib.run_child(SCRIPT, {"task": "conv", "device": args.device, "amp": args.amp,
                                            "repeats": args.repeats or (1 if args.quick else 3)}).extra["conv"]
-        comparison = (nnunet_reference.compare_inference(SCRIPT, case, plan_cases, plans_path, scratch, args)
-                      if args.nnunet else None)
+        comparison = (nnunet_reference.compare_inference(SCRIPT, case, plan_cases, plans_path, region, scratch,
+                                                         args) if args.nnunet else None)
     figures = report(case.case_id, fingerprint, plans, prepared, results, boxes, high_shape, low_shape, conv, args)
     if isinstance(comparison, str):
         print(comparison)
@@ -372,13 +373,17 @@ def main() -> None:
                         help="paper and fast tiling, and roi = fast mode on the kidneys' box only "
                              "(always the whole case; default: all three)")
     parser.add_argument("--no-nnunet", dest="nnunet", action="store_false",
-                        help="skip the end-to-end comparison with nnU-Net's predictor (run when nnunetv2 is importable)")
+                        help="skip the end-to-end comparison with nnU-Net's predictor "
+                             "(it runs when nnunetv2 is importable)")
     parser.add_argument("--nnunet-whole", action="store_true",
-                        help="nnU-Net's sliding window on the whole case (~15 min per run on 2 cores) instead of "
+                        help="nnU-Net's sliding window on the whole case (~17 min per run on 2 cores) instead of "
                              "1×2×2 of its tiles scaled to the whole case's tile count")
-    parser.add_argument("--nnunet-plan-cases", type=int, default=5,
-                        help="cases nnU-Net's planner sees (its target spacing is their median; default 5)")
+    parser.add_argument("--nnunet-plan-cases", type=int, default=nnunet_reference.PLAN_CASES,
+                        help="cases nnU-Net's planner sees (its target spacing is their median; "
+                             f"default {nnunet_reference.PLAN_CASES})")
     args = parser.parse_args()
+    if args.nnunet_plan_cases < 1:
+        parser.error("--nnunet-plan-cases must be at least 1")
     benchlib.run_benchmark(args, "bench/infer.py", measure, child_main, notes=(), after=None)
 
 if __name__ == "__main__":

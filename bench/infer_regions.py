@@ -1,6 +1,5 @@
 """Where ``bench/infer.py`` runs the network: crops of the case around the kidneys (the same
-box of the 1 mm and the 4 mm grid), the kidneys' box of ``roi`` mode, and each mode's crop and
-number of runs."""
+box of the 1 mm and the 4 mm grid), and each mode's crop and number of runs."""
 
 from __future__ import annotations
 
@@ -23,20 +22,6 @@ def crop_box(centre: list[float], high_shape: list[int], low_shape: list[int], s
         low_start.append(start // scale)
         low_size.append(min(n_low - start // scale, math.ceil((start + size) / scale) - start // scale))
     return [high_start, high_size, low_start, low_size]
-
-
-def kidney_region(foreground_high: list[list[int]], plans, high_shape: list[int]) -> list[list[int]]:
-    """The box ``roi`` mode computes: what ``inference.restrict_to_low_resolution_mask`` would pick
-    if the low-resolution network found exactly the reference kidneys and tumours (the untrained
-    weights here find nothing meaningful), by kitspipe's own ``fine_region``."""
-    import numpy as np
-
-    from kitspipe.inference.region_of_interest import fine_region
-
-    mask = np.zeros(high_shape, dtype=np.float32)
-    mask[tuple(slice(a, b) for a, b in foreground_high)] = 1.0
-    box = fine_region(mask, plans)
-    return [list(box.start), list(box.stop)]
 
 
 def mode_settings(args) -> dict[str, dict[str, int]]:

@@ -1,9 +1,10 @@
 """nnU-Net v2's side of the benchmarks: the same cases through nnU-Net's own code, in the same run.
 
-Used by ``bench/preprocess.py`` and ``bench/infer.py`` when ``nnunetv2`` is importable (the
-``bench`` extra of setup.py; this module never installs it). nnU-Net reads its three folders
-from environment variables when it is imported, so everything of nnU-Net runs in child
-processes that get those variables (``benchlib.run_child(..., env=...)``).
+Used by ``bench/preprocess.py``, ``bench/infer.py`` and ``bench/train_step.py`` when ``nnunetv2``
+is importable and the device is the CPU (``make bench-nnunet`` installs it in a virtual
+environment of its own; this module never installs it). nnU-Net reads its three folders from
+environment variables when it is imported, so everything of nnU-Net runs in child processes
+that get those variables (``benchlib.run_child(..., env=...)``).
 
 Set-up (not timed): a raw dataset ``Dataset987_KitspipeBench`` of hard links to the cases,
 ``nnUNetv2_extract_fingerprint`` and ``nnUNetv2_plan_experiment`` with nnU-Net's defaults.
@@ -21,6 +22,9 @@ initial weights: the cost of a forward pass does not depend on them), in three t
 3. ``export``: ``export_prediction_from_logits`` (probabilities back on the source grid, argmax,
    NIfTI written) of logits of the whole case's shape. With a crop, those are random logits:
    their values do not change the cost of resampling and writing.
+
+Training (``child_train_step``): nnUNetTrainer's ``train_step`` with the same plan, on a random
+batch (see the function).
 """
 
 from __future__ import annotations
@@ -36,14 +40,26 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
+from benchlib import Summary, mib, summary_json, table
 
 DATASET_ID = 987
 DATASET_NAME = f"Dataset{DATASET_ID}_KitspipeBench"
 CONFIGURATION = "3d_fullres"
+PLAN_CASES = 5  # synthetic cases nnU-Net plans on: its target spacing is their median
+INSTALL_HINT = "make bench-nnunet (a virtual environment of its own: nnunetv2 pulls a newer torch)"
 
 
 def available() -> bool:
     return importlib.util.find_spec("nnunetv2") is not None
+
+
+def skip_reason(device: str) -> str | None:
+    """Why nnU-Net's side cannot run here, or None when it can."""
+    if device != "cpu":
+        return "nnU-Net comparison skipped: it is a CPU comparison (issue 6's targets); run without --device cuda"
+    if not available():
+        return f"nnunetv2 is not importable here: nnU-Net comparison skipped (to run it: {INSTALL_HINT})"
+    return None
 
 
 def version() -> str:
@@ -75,8 +91,9 @@ def setup(cases: list, root: Path) -> dict[str, str]:
               "extract_fingerprint_entry()\n"
               f"sys.argv = ['x', '-d', '{DATASET_ID}']\n"
               "plan_experiment_entry()\n")
-    subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, check=True,
-                   capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"nnU-Net's fingerprint/planning failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return env
 
 
@@ -122,7 +139,7 @@ def crop_slices(shape: tuple[int, ...], patch: tuple[int, ...], tiles_per_axis: 
     return tuple(slices)
 
 
-def planned_network(deep_supervision: bool):
+def planned_network(deep_supervision: bool) -> tuple[Any, Any, dict[str, Any], Any]:
     """nnU-Net's plans manager, 3d_fullres configuration, dataset.json and the network it
     describes, with seeded initial weights (the cost of a step does not depend on them)."""
     import torch
@@ -251,28 +268,26 @@ def whole_case_estimate(result: benchlib.ChildResult) -> dict[str, float]:
             "seconds_per_tile": per_tile, "total": stages["preprocess"] + window + stages["export"]}
 
 
-def compare_inference(script: Path, case, plan_cases: list, plans_path: Path, scratch: Path,
-                      args) -> tuple[list, list] | str:
+def compare_inference(script: Path, case, plan_cases: list, plans_path: Path, region: list[list[int]],
+                      scratch: Path, args) -> tuple[list, list] | str:
     """One case end to end through nnU-Net's predictor (planned on ``plan_cases``) and through
     everything ``kitspipe infer`` does (``whole_case_inference.child_main``: read, predict in fast
-    mode on the kidneys' box, post-process, write), runs interleaved; or why it was skipped.
+    mode on the kidneys' box ``region`` of the 1 mm grid, post-process, write), runs interleaved;
+    or why it was skipped.
     ``script`` is the benchmark whose children dispatch the tasks ``nnunet`` and ``end_to_end``."""
     from dataclasses import replace
 
-    import whole_case_inference
     from kitspipe.plans import load_plans, save_plans
 
-    if args.device != "cpu":
-        return "nnU-Net comparison skipped: it is a CPU comparison (issue 6's target); run without --device cuda"
-    if not available():
-        return "nnunetv2 is not importable here: nnU-Net comparison skipped (pip install -e '.[bench]')"
+    reason = skip_reason(args.device)
+    if reason:
+        return reason
     env = setup(plan_cases, scratch / "nnunet")
     kitspipe_plans = load_plans(plans_path)
     end_to_end_plans = scratch / "plans_end_to_end.json"
     precision = "bf16" if args.amp else "off"
     save_plans(replace(kitspipe_plans, inference=replace(kitspipe_plans.inference, mixed_precision=precision)),
                end_to_end_plans)
-    region = whole_case_inference.kidney_box(case.image, case.label, kitspipe_plans)
     crop_tiles = None if args.nnunet_whole else ([1, 1, 1] if args.quick else [1, 2, 2])
     nnunet_spec = {"task": "nnunet", "image": str(case.image), "crop_tiles": crop_tiles, "out": str(scratch)}
     kitspipe_spec = {"task": "end_to_end", "plans": str(end_to_end_plans), "image": str(case.image),
@@ -291,15 +306,14 @@ def compare_inference(script: Path, case, plan_cases: list, plans_path: Path, sc
 def report_inference(nnunet_runs: list[benchlib.ChildResult], kitspipe_runs: list[benchlib.ChildResult],
                      precision: str) -> dict[str, Any]:
     """The table of one case through both pipelines, end to end, and the ratio of their medians."""
-    from benchlib import Summary, mib, summary_json, table
-
     estimates = [whole_case_estimate(r) for r in nnunet_runs]
     first = nnunet_runs[0].extra
     cropped = first["run_tiles"] != first["whole_tiles"]
     nnunet_total = Summary.of([e["total"] for e in estimates])
     kitspipe_total = Summary.of([r.seconds for r in kitspipe_runs])
     kitspipe_stages = kitspipe_runs[0].extra["stages"]
-    rows = [[f"nnU-Net {version()} {CONFIGURATION}", "preprocess", Summary.of([e["preprocess"] for e in estimates]).fmt()],
+    rows = [[f"nnU-Net {version()} {CONFIGURATION}", "preprocess",
+             Summary.of([e["preprocess"] for e in estimates]).fmt()],
             ["", f"sliding window, {first['whole_tiles']} tiles of {'×'.join(map(str, first['patch_size']))}"
              + (f" ({first['run_tiles']} run, × {first['whole_tiles'] / first['run_tiles']:.0f})" if cropped else ""),
              Summary.of([e["sliding_window"] for e in estimates]).fmt()],
@@ -334,13 +348,12 @@ def report_inference(nnunet_runs: list[benchlib.ChildResult], kitspipe_runs: lis
             "seconds_ratio_kitspipe_over_nnunet": ratio}
 
 
-def compare_training(script: Path, scratch: Path, args, plan_cases: int = 5) -> benchlib.ChildResult | str:
+def compare_training(script: Path, scratch: Path, args, plan_cases: int = PLAN_CASES) -> benchlib.ChildResult | str:
     """nnU-Net's training step with its 3d_fullres plan for ``plan_cases`` full-size synthetic
     cases, in a child of ``script`` (task ``nnunet``); or why it was skipped."""
-    if args.device != "cpu":
-        return "nnU-Net comparison skipped: it runs on the CPU only (run without --device cuda)"
-    if not available():
-        return "nnunetv2 is not importable here: nnU-Net comparison skipped (pip install -e '.[bench]')"
+    reason = skip_reason(args.device)
+    if reason:
+        return reason
     data = scratch / "nnunet_cases"
     print(f"nnU-Net: synthesizing {plan_cases} full-size cases and planning ...", flush=True)
     benchlib.synthesize(data, range(plan_cases), args.seed, "full")
@@ -353,8 +366,6 @@ def compare_training(script: Path, scratch: Path, args, plan_cases: int = 5) -> 
 
 def report_training(result: benchlib.ChildResult, kitspipe: dict[str, Any] | None, amp: bool) -> dict[str, Any]:
     """nnU-Net's step next to the kitspipe ``paper`` preset's (``kitspipe``: its train_step figures)."""
-    from benchlib import Summary, mib, summary_json, table
-
     r = result.extra
     seconds = Summary.of(r["step_s"])
     gflops = r["counted_gflop"] / seconds.median

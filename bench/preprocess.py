@@ -7,7 +7,7 @@ Measured, each in a fresh child process (clean peak RSS, see benchlib):
   ``kitspipe.preprocessing.run_preprocess(work, jobs=1)`` with the ``paper`` plan (1 mm and
   4 mm outputs), seconds and peak RSS, next to the case's size as float32;
 * the whole dataset: ``run_preprocess`` with ``jobs=1`` and ``jobs=2``;
-* if ``nnunetv2`` is importable (``pip install -e '.[bench]'``): nnU-Net's own ``3d_fullres``
+* if ``nnunetv2`` is importable (``make bench-nnunet``): nnU-Net's own ``3d_fullres``
   and ``3d_lowres`` preprocessing (``nnUNetv2_preprocess -np 1`` and ``-np 2``) of the same cases in
   the same run, planned by nnU-Net on these cases (``bench/nnunet_reference.py``), and the ratio
   of kitspipe's time to the sum of nnU-Net's two configurations with as many workers.
@@ -152,8 +152,10 @@ def measure(args) -> dict[str, Any]:
 
         nnunet_env: dict[str, str] | None = None
         nnunet_note = ""
-        if not nnunet_reference.available():
-            nnunet_note = "nnunetv2 is not importable here: nnU-Net comparison skipped (pip install -e '.[bench]')"
+        if not args.nnunet:
+            nnunet_note = "nnU-Net comparison skipped (--no-nnunet)"
+        elif not nnunet_reference.available():
+            nnunet_note = nnunet_reference.skip_reason("cpu")  # preprocessing runs on the CPU whatever --device says
         else:
             nnunet_env = nnunet_reference.setup(cases, scratch / "nnunet")
         nnunet_configs = nnunet_reference.planned(nnunet_env, NNUNET_CONFIGURATIONS) if nnunet_env else []
@@ -380,6 +382,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=None, help="cases to measure (default 3; quick 2)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic dataset seed (default 0)")
     parser.add_argument("--plot", type=Path, default=None, help="write the scaling plot (PNG) here")
+    parser.add_argument("--no-nnunet", dest="nnunet", action="store_false",
+                        help="skip nnU-Net's preprocessing (it runs when nnunetv2 is importable, ~12 min more)")
     args = parser.parse_args()
     benchlib.run_benchmark(args, "bench/preprocess.py", measure, child_main, notes=("the preprocess stage runs on the CPU whatever --device says",), after=(lambda figures: plot(figures, args.plot)) if args.plot else None,
                            device_check=False)

@@ -21,7 +21,7 @@ blocks frozen as the trainer says). Measured:
 * the data loader alone: seconds per batch with the plan's workers, and one sample drawn in
   the calling process (no workers), i.e. the CPU cost of sampling + augmentation.
 
-When ``nnunetv2`` is importable (``pip install -e '.[bench]'``, or ``make bench-nnunet``) and the
+When ``nnunetv2`` is importable (``make bench-nnunet``) and the
 device is the CPU, nnUNetTrainer's step with the ``3d_fullres`` plan nnU-Net makes for five
 full-size synthetic cases runs next to them (``bench/nnunet_reference.child_train_step``: float32
 as nnU-Net runs on a CPU, 1 warm-up + 2 timed steps of ~85 s), with its share of a conv3d

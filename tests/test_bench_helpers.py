@@ -44,3 +44,37 @@ def test_the_whole_case_scales_the_sliding_window_by_the_tile_count():
     assert estimate["seconds_per_tile"] == pytest.approx(12.0)
     assert estimate["sliding_window"] == pytest.approx(840.0)
     assert estimate["total"] == pytest.approx(848.0)
+
+
+def child(seconds: float = 0.0, peak: int = 2**30, **extra) -> benchlib.ChildResult:
+    return benchlib.ChildResult(seconds=seconds, cpu_seconds=seconds, peak_rss=peak, tree_peak_rss=peak,
+                                baseline_rss=0, extra=extra)
+
+
+def test_the_inference_report_divides_kitspipe_by_nnunets_whole_case(monkeypatch, capsys):
+    monkeypatch.setattr(nnunet_reference, "version", lambda: "2.8.1")
+    nnunet = [child(stages={"preprocess": 10.0, "sliding_window": 40.0 + k, "export": 10.0}, run_tiles=4,
+                    whole_tiles=100, patch_size=[64, 192, 192], flops_per_patch_voxel=4.5e5, spacing=[1.75, 0.9, 0.9],
+                    preprocessed_shape=[156, 512, 512], crop_shape=[64, 288, 288]) for k in (0, 4, 8)]
+    kitspipe = [child(seconds=s, stages={"read": 1.0, "predict_case": s - 2.0, "postprocess": 0.5, "write": 0.5})
+                for s in (100.0, 110.0, 102.0)]
+    figures = nnunet_reference.report_inference(nnunet, kitspipe, "bf16")
+    # nnU-Net's median whole case: 10 + 44 / 4 × 100 + 10 = 1120 s; kitspipe's median 102 s.
+    assert figures["nnunet_stage_seconds"]["total"]["median"] == pytest.approx(1120.0)
+    assert figures["seconds_ratio_kitspipe_over_nnunet"] == pytest.approx(102.0 / 1120.0)
+    assert figures["extrapolated"] is True
+    assert "EXTRAPOLATED" in capsys.readouterr().out
+
+
+def test_the_training_report_rates_both_steps_against_their_own_conv3d(monkeypatch):
+    monkeypatch.setattr(nnunet_reference, "version", lambda: "2.8.1")
+    nnunet = child(step_s=[80.0, 84.0], counted_gflop=6400.0, conv={"forward_backward_gflops": 100.0},
+                   batch_size=2, patch_size=[64, 192, 192])
+    kitspipe = {"step_s": {"median": 14.0}, "compute_s": {"median": 13.0}, "counted_gflop": 2080.0,
+                "batch_size": 2, "high_output": 20, "peak_rss_bytes": 2**32,
+                "conv_reference": [{"channels": 32, "precision": "fp32", "forward_backward_gflops": 120.0},
+                                   {"channels": 32, "precision": "bf16", "forward_backward_gflops": 200.0}]}
+    figures = nnunet_reference.report_training(nnunet, kitspipe, amp=True)
+    assert figures["gflops"] == pytest.approx(6400.0 / 82.0)
+    assert figures["of_conv3d"] == pytest.approx(6400.0 / 82.0 / 100.0)
+    assert figures["kitspipe_paper_of_conv3d"] == pytest.approx(2080.0 / 13.0 / 200.0)
