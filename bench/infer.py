@@ -31,8 +31,8 @@ A third mode, ``roi``, is ``fast`` mode with ``inference.restrict_to_low_resolut
 1 mm network runs only on the box that post-processing's low-resolution mask can keep. The
 untrained network's 4 mm output means nothing, so the box is the one kitspipe's
 ``fine_region`` gives for the reference kidneys and tumours on the 1 mm grid
-(``whole_case_inference.kidney_box``), i.e. what a trained network that found them would cost. It always runs on the
-whole case, and its FLOPs/dense compares with one dense pass over the whole case.
+(``whole_case_inference.kidney_box``), i.e. what a trained network that found them would cost.
+It always runs on the whole case, and its FLOPs/dense compares with one dense pass over the whole case.
 
 ``--amp`` runs the network under bf16 autocast through ``predict_volume(mixed_precision="bf16")``,
 as ``inference.mixed_precision`` does. A plain ``conv3d`` 32→32 on a 108³ input is measured on

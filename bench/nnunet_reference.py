@@ -23,8 +23,7 @@ initial weights: the cost of a forward pass does not depend on them), in three t
    NIfTI written) of logits of the whole case's shape. With a crop, those are random logits:
    their values do not change the cost of resampling and writing.
 
-Training (``child_train_step``): nnUNetTrainer's ``train_step`` with the same plan, on a random
-batch (see the function).
+Training (``child_train_step``): nnUNetTrainer's ``train_step`` with the same plan.
 """
 
 from __future__ import annotations
@@ -183,15 +182,17 @@ def child_train_step(spec: dict[str, Any]) -> None:
     generator = torch.Generator().manual_seed(0)
     image = torch.randn((batch, 1, *patch), generator=generator)
     targets: list = []
+    supervised: list = []  # the deep-supervision loss, built once the outputs are known
 
     def step() -> None:
         optimiser.zero_grad(set_to_none=True)
         outputs = network(image)
         if not targets:  # one target per deep-supervision output, at its resolution
             targets.extend(torch.randint(0, 3, (batch, 1, *o.shape[2:]), generator=generator).float() for o in outputs)
-        weights = np.array([1 / 2**i for i in range(len(outputs))])
-        weights[-1] = 0
-        total = DeepSupervisionWrapper(loss, weights / weights.sum())(outputs, targets)
+            weights = np.array([1 / 2**i for i in range(len(outputs))])
+            weights[-1] = 0
+            supervised.append(DeepSupervisionWrapper(loss, weights / weights.sum()))
+        total = supervised[0](outputs, targets)
         total.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
         optimiser.step()
@@ -235,12 +236,14 @@ def child_predict(spec: dict[str, Any]) -> None:
     marks.append(time.perf_counter())
     data = torch.from_numpy(data)
     patch = tuple(configuration.patch_size)
-    whole_shape = tuple(max(n, p) for n, p in zip(data.shape[1:], patch))  # nnU-Net pads up to one patch
-    whole_tiles = len(predictor._internal_get_sliding_window_slicers(whole_shape))
+
+    def tiles(shape: tuple[int, ...]) -> int:  # nnU-Net pads a volume up to one patch first
+        return len(predictor._internal_get_sliding_window_slicers(tuple(max(n, p) for n, p in zip(shape, patch))))
+
+    whole_tiles = tiles(tuple(data.shape[1:]))
     crop = crop_slices(tuple(data.shape[1:]), patch, tuple(spec["crop_tiles"])) if spec["crop_tiles"] else None
     window_input = data if crop is None else data[(slice(None), *crop)].clone()
-    run_tiles = len(predictor._internal_get_sliding_window_slicers(
-        tuple(max(n, p) for n, p in zip(window_input.shape[1:], patch))))
+    run_tiles = tiles(tuple(window_input.shape[1:]))
     marks.append(time.perf_counter())
     logits = predictor.predict_sliding_window_return_logits(window_input)
     marks.append(time.perf_counter())

@@ -184,8 +184,8 @@ def measure(args) -> dict[str, Any]:
         for run in runs:
             run.high_shape, run.low_shape = output_shapes(run.work, run.case_id)
         # nnU-Net's plans give the target spacings it resampled to (the median of these cases).
-        nnunet_spacing = ({c: nnunet_reference.plans(nnunet_env)["configurations"][c]["spacing"]
-                           for c in nnunet_configs} if nnunet_env else {})
+        nnunet_planned = nnunet_reference.plans(nnunet_env)["configurations"] if nnunet_env else {}
+        nnunet_spacing = {c: nnunet_planned[c]["spacing"] for c in nnunet_configs}
     return report(runs, dataset_runs, nnunet_runs, nnunet_import, nnunet_note, nnunet_spacing, repeats, args)
 
 
