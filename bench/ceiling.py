@@ -12,15 +12,19 @@ from typing import Any
 from benchlib import Stopwatch, Summary, summary_json
 
 
-def conv_reference(size: int, channels: int, device: str, repeats: int, amp: bool) -> dict[str, Any]:
+def conv_reference(size: int, channels: int, device: str, repeats: int, amp: bool,
+                   channels_last: bool = False) -> dict[str, Any]:
     """GFLOP/s of one ``conv3d`` channels→channels 3×3×3 (valid) on a ``size``³ input, batch 1:
     the ceiling a network's convolutions are compared with, measured on the same device and in
-    the same precision (``amp``: bf16 autocast)."""
+    the same precision (``amp``: bf16 autocast), and in ``torch.channels_last_3d`` when asked."""
     import torch
     import torch.nn.functional as F
 
     x = torch.randn(1, channels, size, size, size, device=device, requires_grad=True)
     weight = (0.05 * torch.randn(channels, channels, 3, 3, 3, device=device)).requires_grad_(True)
+    if channels_last:
+        x = x.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
+        weight = weight.detach().contiguous(memory_format=torch.channels_last_3d).requires_grad_(True)
     flop = 2.0 * channels * channels * 27 * (size - 2) ** 3
     forward, both = [], []
     with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=amp):
@@ -35,7 +39,8 @@ def conv_reference(size: int, channels: int, device: str, repeats: int, amp: boo
             if index:
                 both.append(watch.seconds)
             x.grad = weight.grad = None
-    return {"size": size, "channels": channels, "precision": "bf16" if amp else "fp32", "gflop_forward": flop / 1e9,
+    return {"size": size, "channels": channels, "precision": "bf16" if amp else "fp32",
+            "layout": "channels_last_3d" if channels_last else "ncdhw", "gflop_forward": flop / 1e9,
             "forward_s": summary_json(forward), "forward_backward_s": summary_json(both),
             "forward_gflops": flop / 1e9 / Summary.of(forward).median,
             "forward_backward_gflops": 3 * flop / 1e9 / Summary.of(both).median}

@@ -7,52 +7,18 @@
 # Written for a fresh GPU machine where nothing can be installed: the caller puts the repository
 # (and any extra wheels) on PYTHONPATH, and the `kitspipe` console script is not installed, so
 # everything runs as `python3 -m kitspipe` / `python3 bench/....py`. All output goes to $OUT
-# (default ./gpu_out): one log per step, bench JSON lines in results.jsonl, steps.tsv with each
-# step's exit code and seconds, and the tiny training run's log and checkpoint sidecar.
+# (default ./gpu_out): every step's output in session.log, bench JSON lines in results.jsonl,
+# steps.tsv with each step's exit code and seconds, and the tiny training run's log and checkpoint sidecar.
 #
 # The whole session must end within 8 minutes on one H100: every step runs under `timeout`, bounded
-# by its own limit and by what is left of SESSION_S; a failing or timed-out step is recorded and
-# the next one runs. Steps come in order of importance, so a slow machine loses the extras first.
+# by its own limit and by what is left of SESSION_S (bench/gpu_steps.sh); a failing or timed-out
+# step is recorded and the next one runs. Steps come in order of importance, so a slow machine loses the extras first.
 set -u
 
-REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$REPO"
-OUT="${OUT:-./gpu_out}"
-mkdir -p "$OUT"
-OUT="$(cd "$OUT" && pwd)"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DEVICE="${DEVICE:-cuda}"  # DEVICE=cpu: a dry run of the script itself on a machine without a GPU
 SESSION_S="${SESSION_S:-450}"  # leaves 30 s of the 8 minutes for start-up and copying $OUT back
-STARTED=$(date +%s)
-TMP="$(mktemp -d /tmp/kitspipe-gpu-XXXXXX)"
-export MPLBACKEND=Agg PYTHONUNBUFFERED=1
-PY=python3
-KP="$PY -m kitspipe --no-progress"
-printf 'step\texit\tseconds\n' > "$OUT/steps.tsv"
-
-elapsed() { echo $(( $(date +%s) - STARTED )); }
-
-# step NAME MAX_SECONDS COMMAND...: run COMMAND with output in $OUT/NAME.log, under a timeout of
-# MAX_SECONDS or the session's remaining time, whichever is less; never stops the script.
-step() {
-    local name="$1" limit="$2"
-    shift 2
-    local left=$(( SESSION_S - $(elapsed) - 5 ))
-    if (( left < 20 )); then
-        echo "== $name: skipped, $(elapsed) s of ${SESSION_S} s used"
-        printf '%s\tskipped\t0\n' "$name" >> "$OUT/steps.tsv"
-        return 0
-    fi
-    (( limit > left )) && limit=$left
-    echo "== $name (at most ${limit} s, $(elapsed) s used)"
-    local t0 rc
-    t0=$(date +%s)
-    timeout -k 10 "$limit" "$@" > "$OUT/$name.log" 2>&1
-    rc=$?
-    printf '%s\t%s\t%s\n' "$name" "$rc" "$(( $(date +%s) - t0 ))" >> "$OUT/steps.tsv"
-    echo "   exit $rc after $(( $(date +%s) - t0 )) s; last lines:"
-    tail -n 4 "$OUT/$name.log" | sed 's/^/   | /'
-    return 0
-}
+source bench/gpu_steps.sh  # OUT, TMP, STARTED, PY, KP and step()
 
 # --- 0. the machine (in the session log, and as JSON for the record)
 {

@@ -35,11 +35,17 @@ CUDA) or 2 (``paper`` on CPU: 20-50 s each); ``--repeats N`` sets the timed step
 ``--amp``, ``--compile`` and ``--channels-last`` run the step the way the plan settings
 ``training.mixed_precision``/``compile``/``channels_last`` make ``kitspipe train`` run it
 (``kitspipe.devices``); with ``--compile`` the warm-up is 2 steps (forward and backward graphs).
+``--deterministic`` overrides ``training.deterministic`` (``off``: cuDNN times its algorithms, the
+default on CUDA), ``--batch-size`` overrides ``training.batch_size``, ``--compile-mode`` tries
+another ``torch.compile`` mode (an exploration, not a plan setting), and ``--profile`` prints
+torch.profiler's table of one more step. With ``--channels-last`` the conv3d ceiling is measured
+in both layouts and the step is compared with the faster.
 
     python bench/train_step.py                      # 2-4.5 min on 2 cores, most of it the paper steps
     python bench/train_step.py --quick              # 3 cpu steps, 1 cold paper step
     python bench/train_step.py --device cuda --amp  # bf16 autocast on a GPU
     python bench/train_step.py --device cuda --presets paper --quick --amp --channels-last
+    python bench/train_step.py --device cuda --presets paper --amp --channels-last --compile --deterministic on
 """
 
 from __future__ import annotations
@@ -73,15 +79,18 @@ def child_main(spec: dict[str, Any]) -> None:
     from kitspipe.data.cases import open_cases
     from kitspipe.data.loader import make_loader
     from kitspipe.data.sampling import PatchSampler
-    from kitspipe.devices import autocast, batch_to_device, channels_last_active, maybe_compile, set_memory_format
+    from kitspipe.devices import (autocast, batch_to_device, channels_last_active, configure_determinism, maybe_compile,
+                                  set_memory_format)
     from kitspipe.planning import training_step_gflop
     from kitspipe.plans import load_plans
     from kitspipe.trainers.registry import get_trainer
 
     work, device, amp = Path(spec["work"]), spec["device"], spec["amp"]
     torch.manual_seed(0)
-    torch.use_deterministic_algorithms(True, warn_only=True)  # as kitspipe.training.run does
     plans = load_plans(work / "plans.json")
+    if spec["batch_size"] is not None:
+        plans = plans.with_training(batch_size=spec["batch_size"])
+    deterministic = configure_determinism(spec["deterministic"] or plans.training.deterministic, device)
     case_ids = sorted(json.loads((work / "preprocessed" / "manifest.json").read_text())["cases"])
     cases = open_cases(work / "preprocessed", case_ids)
     sampler = PatchSampler(cases, plans, make_augmenter(plans))
@@ -92,7 +101,10 @@ def child_main(spec: dict[str, Any]) -> None:
     loss_fn = trainer.build_loss().to(device)
     phase = trainer.phases()[-1]  # "full": the whole network
     optimiser = torch.optim.Adam(list(trainer.trainable_parameters(network, phase)), lr=plans.training.learning_rate)
-    network = maybe_compile(network, spec["compile"])  # last, as kitspipe.training.run does
+    if spec["compile"] and spec["compile_mode"]:  # an exploration of torch.compile's modes, not a plan setting
+        network = torch.compile(network, mode=spec["compile_mode"])
+    else:
+        network = maybe_compile(network, spec["compile"])  # last, as kitspipe.training.run does
     trainer.set_train_mode(network, phase)
     dtype = torch.bfloat16 if amp else None
     channels_last = channels_last_active(spec["channels_last"], device)
@@ -123,6 +135,7 @@ def child_main(spec: dict[str, Any]) -> None:
         waited = finished
     del loader
     training_peak_rss = benchlib.peak_rss_bytes()
+    profile = profile_step(trainer, network, loss_fn, phase, batch, device, dtype, optimiser) if spec["profile"] else ""
     counted_gflop = counted_step_gflop(trainer, network, loss_fn, phase, batch, device, dtype)
     gpu_peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
 
@@ -133,6 +146,9 @@ def child_main(spec: dict[str, Any]) -> None:
     for channels in sorted({32, plans.high.base_filters}, reverse=True):
         for precision_amp in ((False, True) if amp else (False,)):
             conv.append(ceiling.conv_reference(reference_size, channels, device, spec["conv_repeats"], precision_amp))
+            if channels_last:  # the ceiling is the faster layout: cuDNN's NDHWC kernels may beat NCDHW
+                conv.append(ceiling.conv_reference(reference_size, channels, device, spec["conv_repeats"],
+                                                   precision_amp, channels_last=True))
 
     # The loader alone: the plan's workers, then one sample at a time in this process.
     loader_batches = spec["loader_batches"]
@@ -157,12 +173,35 @@ def child_main(spec: dict[str, Any]) -> None:
     benchlib.child_report(
         clock, baseline,
         preset=plans.preset, high_input=high_in, low_input=low_in, high_output=plans.high.output_patch[0],
-        batch_size=plans.training.batch_size, workers=workers, warmup_steps=warmup, step_gflop=step_gflop,
+        batch_size=plans.training.batch_size, workers=workers, deterministic=deterministic, warmup_steps=warmup,
+        step_gflop=step_gflop,
         counted_gflop=counted_gflop,
         data_s=data_s, compute_s=compute_s, losses=losses, training_peak_rss=training_peak_rss,
         gpu_peak_bytes=gpu_peak, parameters=sum(p.numel() for p in network.parameters()), conv=conv,
         loader_first_batch_s=first_batch_s, loader_interval_s=intervals, sample_in_process_s=in_process,
-        elastic_probability=plans.augmentation.elastic_probability)
+        elastic_probability=plans.augmentation.elastic_probability, profile=profile)
+
+
+def profile_step(trainer, network, loss_fn, phase, batch, device: str, dtype, optimiser) -> str:
+    """``torch.profiler``'s table of one more step (the last batch again), the operators and
+    kernels that took the most time on the device: where a step's time goes besides the
+    convolutions."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from kitspipe.devices import autocast
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        optimiser.zero_grad(set_to_none=True)
+        with autocast(device, dtype):
+            terms = trainer.loss(network, loss_fn, batch, phase)
+        terms.total.backward()
+        optimiser.step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
 
 
 def counted_step_gflop(trainer, network, loss_fn, phase, batch, device: str, dtype) -> float:
@@ -229,7 +268,8 @@ def measure(args) -> dict[str, Any]:
             warmup, steps = plan_steps(args, preset)
             slow = preset == "paper" and args.device == "cpu"
             spec = {"work": str(work), "device": args.device, "amp": args.amp, "compile": args.compile,
-                    "channels_last": args.channels_last, "workers": args.workers,
+                    "channels_last": args.channels_last, "workers": args.workers, "batch_size": args.batch_size,
+                    "deterministic": args.deterministic, "compile_mode": args.compile_mode, "profile": args.profile,
                     "warmup": warmup, "steps": steps,
                     "conv_repeats": args.repeats or (1 if slow and args.quick else 3),
                     "loader_batches": 2 if args.quick else (4 if slow else 10),
@@ -248,8 +288,8 @@ def measure(args) -> dict[str, Any]:
 
 def report(results: dict[str, benchlib.ChildResult], args) -> dict[str, Any]:
     step_rows, conv_rows, loader_rows = [], [], []
-    figures: dict[str, Any] = {"amp_bf16": args.amp, "compile": args.compile, "channels_last": args.channels_last,
-                               "presets": {}}
+    figures: dict[str, Any] = {"amp_bf16": args.amp, "compile": args.compile, "compile_mode": args.compile_mode,
+                               "channels_last": args.channels_last, "presets": {}}
     device = args.device
     for preset, result in results.items():
         r = result.extra
@@ -259,8 +299,8 @@ def report(results: dict[str, benchlib.ChildResult], args) -> dict[str, Any]:
         gflops = Summary.of([r["counted_gflop"] / c for c in r["compute_s"]])
         # The step against the 32→32 conv of its own precision (bf16 under --amp).
         precision = "bf16" if args.amp else "fp32"
-        best_conv = next(c for c in r["conv"] if c["channels"] == 32 and c.get("precision", "fp32") == precision)
-        best_conv = best_conv["forward_backward_gflops"]
+        best_conv = max(c["forward_backward_gflops"] for c in r["conv"]
+                        if c["channels"] == 32 and c.get("precision", "fp32") == precision)
         step_rows.append([preset, f"{r['high_input']}³/{r['low_input']}³ → {r['high_output']}³", r["batch_size"],
                           r["workers"], f"{r['step_gflop']:.0f} / {r['counted_gflop']:.0f}", total.n, data.fmt(3), compute.fmt(3),
                           total.fmt(3), ceiling.rate(gflops.median, device),
@@ -269,6 +309,7 @@ def report(results: dict[str, benchlib.ChildResult], args) -> dict[str, Any]:
                                                          else "")])
         for conv in r["conv"]:
             conv_rows.append([preset, f"{conv['channels']}→{conv['channels']}", conv.get("precision", "fp32"),
+                              conv.get("layout", "ncdhw"),
                               f"{conv['size']}³", Summary.of(conv["forward_s"]["values"]).fmt(4),
                               ceiling.rate(conv["forward_gflops"], device),
                               Summary.of(conv["forward_backward_s"]["values"]).fmt(4),
@@ -281,6 +322,7 @@ def report(results: dict[str, benchlib.ChildResult], args) -> dict[str, Any]:
         figures["presets"][preset] = {
             "high_input": r["high_input"], "low_input": r["low_input"], "high_output": r["high_output"],
             "batch_size": r["batch_size"], "workers": r["workers"], "warmup_steps": r["warmup_steps"],
+            "deterministic": r["deterministic"],
             "parameters": r["parameters"], "step_gflop": r["step_gflop"],
             "data_wait_s": summary_json(r["data_s"]), "compute_s": summary_json(r["compute_s"]),
             "step_s": summary_json([d + c for d, c in zip(r["data_s"], r["compute_s"])]),
@@ -295,6 +337,7 @@ def report(results: dict[str, benchlib.ChildResult], args) -> dict[str, Any]:
                        "one_sample_in_process_s": summary_json(r["sample_in_process_s"])},
         }
     print()
+    kernels = ", ".join(f"{preset} {'on' if result.extra['deterministic'] else 'off'}" for preset, result in results.items())
     gpu = " / GPU" if args.device == "cuda" else ""
     unit = ceiling.rate_unit(device)
     print(table(["preset", "patch in (1mm/4mm) → out", "batch", "workers", "GFLOP/step plan / counted", "steps",
@@ -306,10 +349,14 @@ def report(results: dict[str, benchlib.ChildResult], args) -> dict[str, Any]:
           f"backward; compute {unit} and 'of conv3d' use the counted figure: compute {unit} / conv3d 32→32 "
           f"forward+backward {unit} below, same precision; "
           f"precision {'bf16 autocast' if args.amp else 'fp32'}{', compiled' if args.compile else ''}"
-          f"{', channels-last' if args.channels_last else ''})")
+          f"{', channels-last' if args.channels_last else ''}; deterministic kernels: {kernels})")
     print()
-    print(table(["preset", "conv3d", "precision", "input", "forward s", unit, "forward+backward s", unit], conv_rows,
+    print(table(["preset", "conv3d", "precision", "layout", "input", "forward s", unit, "forward+backward s", unit], conv_rows,
                 title="Plain torch.nn.functional.conv3d 3×3×3, batch 1, measured in the same process"))
+    for preset, result in results.items():
+        if result.extra.get("profile"):
+            print(f"\ntorch.profiler, one {preset} step (self time per operator and kernel, most first):")
+            print(result.extra["profile"])
     print()
     print(table(["preset", "workers", "batch", "first batch s", "s per batch", "samples/s", "one sample in-process s",
                  "elastic p"], loader_rows,
@@ -323,6 +370,15 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the network (training.compile)")
     parser.add_argument("--channels-last", action="store_true",
                         help="channels_last_3d network and batches on CUDA (training.channels_last)")
+    parser.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",
+                                                   "max-autotune-no-cudagraphs"), default=None,
+                        help="torch.compile mode with --compile (default: kitspipe's, torch's default mode)")
+    parser.add_argument("--deterministic", choices=("auto", "on", "off"), default=None,
+                        help="deterministic kernels (default: the plan's training.deterministic; off on CUDA "
+                             "lets cuDNN time its algorithms)")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's table of one more step (the operators that take the time)")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the plan's training.batch_size")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: the plan's num_workers)")
     parser.add_argument("--cases", type=int, default=None, help="synthetic small cases (default 4; paper uses 2)")
     parser.add_argument("--presets", nargs="+", choices=PRESETS, default=list(PRESETS),

@@ -10,6 +10,10 @@ through these helpers, so that "auto" means the same thing in both and a wrapped
   loses digits that the Dice and the 0.5 threshold depend on.
 * ``torch.compile`` and channels-last are opt-in: compile costs minutes of start-up per new
   input shape, and channels-last only pays off on CUDA tensor cores.
+* Deterministic kernels are the default on the CPU, where they make a run repeatable bit for
+  bit. On CUDA a run is not repeatable bit for bit in any case (``training.identity``), and
+  restricting cuDNN to deterministic convolution algorithms, without timing them, costs speed
+  (docs/performance.md), so ``auto`` lets cuDNN time its algorithms there instead.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ import typing
 import torch
 from torch import nn
 
-from kitspipe.plans import MixedPrecision
+from kitspipe.plans import Determinism, MixedPrecision
 
 MIXED_PRECISION_CHOICES: tuple[str, ...] = typing.get_args(MixedPrecision)
+DETERMINISM_CHOICES: tuple[str, ...] = typing.get_args(Determinism)
 
 
 def autocast_dtype(setting: str, device: torch.device | str) -> torch.dtype | None:
@@ -68,6 +73,32 @@ def autocast(device: torch.device | str, dtype: torch.dtype | None) -> contextli
 def precision_name(dtype: torch.dtype | None) -> str:
     """``bf16`` or ``fp32``, for logs and benchmark records."""
     return "fp32" if dtype is None else str(dtype).removeprefix("torch.").replace("bfloat16", "bf16")
+
+
+def deterministic_kernels(setting: str, device: torch.device | str) -> bool:
+    """Whether a plan's ``training.deterministic`` asks for deterministic kernels on ``device``:
+    ``on`` and ``off`` say so; ``auto`` is on except on CUDA (see the module docstring)."""
+    if setting not in DETERMINISM_CHOICES:
+        raise ValueError(f"deterministic must be one of {', '.join(DETERMINISM_CHOICES)}, got {setting!r}")
+    if setting == "auto":
+        return torch.device(device).type != "cuda"
+    return setting == "on"
+
+
+def configure_determinism(setting: str, device: torch.device | str) -> bool:
+    """Set this process's kernel choice for ``training.deterministic``; returns whether it is deterministic.
+
+    Deterministic: ``torch.use_deterministic_algorithms`` in warn-only mode (an operation without a
+    deterministic version warns instead of stopping the run), without its NaN fill of new
+    tensors, which bench/train_step.py measured at a quarter of a cpu-preset step and which
+    repeatable results do not need. Otherwise: cuDNN times its convolution algorithms for each
+    new input shape (``cudnn.benchmark``) and keeps the fastest, deterministic or not.
+    """
+    deterministic = deterministic_kernels(setting, device)
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+    torch.backends.cudnn.benchmark = not deterministic
+    return deterministic
 
 
 def unwrap(network: nn.Module) -> nn.Module:

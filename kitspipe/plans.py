@@ -24,6 +24,7 @@ from kitspipe.schema import from_dict, merge, to_dict
 SCHEMA_VERSION = 1
 # bf16 autocast: "auto" = on a CUDA GPU that supports bf16, off elsewhere (kitspipe.devices).
 MixedPrecision = Literal["auto", "bf16", "off"]
+Determinism = Literal["auto", "on", "off"]
 Triple = tuple[int, int, int]
 TripleF = tuple[float, float, float]
 
@@ -173,6 +174,7 @@ class TrainingPlan:
     mixed_precision: MixedPrecision = "off"
     compile: bool = False
     channels_last: bool = False
+    deterministic: Determinism = "auto"
 
     def __post_init__(self) -> None:
         if self.n_folds < 2:

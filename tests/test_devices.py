@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kitspipe.devices import (autocast, autocast_dtype, batch_to_device, channels_last_active, maybe_compile,
-                              unwrap)
+from kitspipe.devices import (autocast, autocast_dtype, batch_to_device, channels_last_active, configure_determinism,
+                              deterministic_kernels, maybe_compile, unwrap)
 from kitspipe.errors import PlanError
 from kitspipe.inference.predictor import fast_tile_voxels, predict_volume
 from kitspipe.inference.tile_budget import activation_bytes_per_voxel, tile_voxels_for_memory
@@ -35,6 +35,7 @@ def test_autocast_dtype_follows_the_setting_and_the_device():
     ("inference", "mixed_precision", True, "inference.mixed_precision: True is not one of"),
     ("training", "compile", "yes", "training.compile: expected true or false"),
     ("training", "channels_last", 1, "training.channels_last: expected true or false"),
+    ("training", "deterministic", True, "training.deterministic: True is not one of"),
 ])
 def test_invalid_gpu_settings_name_the_field(section, key, value, message):
     data = to_dict(load_preset("paper"))
@@ -61,6 +62,49 @@ def test_auto_precision_follows_native_bf16_support_on_the_cpu(monkeypatch):
     assert devices.autocast_dtype("auto", "cpu") is None
     assert devices.autocast_dtype("bf16", "cpu") is torch.bfloat16
     assert devices.autocast_dtype("off", "cpu") is None
+
+
+def test_deterministic_kernels_follow_the_setting_and_the_device():
+    # auto: repeatable on the CPU; on CUDA, where a run is not repeatable bit for bit anyway,
+    # cuDNN may time its algorithms.
+    assert deterministic_kernels("auto", "cpu") and not deterministic_kernels("auto", "cuda")
+    assert deterministic_kernels("on", "cuda") and not deterministic_kernels("off", "cpu")
+    with pytest.raises(ValueError, match="deterministic"):
+        deterministic_kernels("yes", "cpu")
+
+
+@pytest.fixture
+def restore_kernel_choice():
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.utils.deterministic.fill_uninitialized_memory)
+    yield
+    torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+    torch.backends.cudnn.benchmark = saved[2]
+    torch.utils.deterministic.fill_uninitialized_memory = saved[3]
+
+
+def test_configure_determinism_sets_the_process_flags(restore_kernel_choice):
+    assert configure_determinism("off", "cpu") is False
+    assert not torch.are_deterministic_algorithms_enabled() and torch.backends.cudnn.benchmark
+    assert configure_determinism("auto", "cpu") is True
+    assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
+    assert not torch.backends.cudnn.benchmark and not torch.utils.deterministic.fill_uninitialized_memory
+
+
+def test_a_run_without_deterministic_kernels_says_so_and_may_resume_with_them(tiny_work, restore_kernel_choice):
+    plans = json.loads((tiny_work / "plans.json").read_text())
+    plans["training"]["deterministic"] = "off"
+    (tiny_work / "plans.json").write_text(json.dumps(plans))
+    folder = train_fold(tiny_work, 0, epochs=1, trainer="UNet3DTrainer", progress=False)
+    sidecar = json.loads((folder / "checkpoint_latest.json").read_text())
+    assert sidecar["determinism"]["bitwise"] is False
+    assert "deterministic algorithms are off" in sidecar["determinism"]["reasons"]
+    # How kernels are chosen is how the network runs, not what it learns: a resume may change it.
+    plans["training"]["deterministic"] = "auto"
+    (tiny_work / "plans.json").write_text(json.dumps(plans))
+    folder = train_fold(tiny_work, 0, epochs=2, trainer="UNet3DTrainer", resume=True, progress=False)
+    sidecar = json.loads((folder / "checkpoint_latest.json").read_text())
+    assert sidecar["state"]["finished"] and sidecar["determinism"]["bitwise"] is True
 
 
 def test_compiled_and_data_parallel_networks_save_plain_keys(tmp_path):

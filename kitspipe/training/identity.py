@@ -26,9 +26,9 @@ MAX_LISTED = 6
 
 def stable_plan(plans: Plans) -> Plans:
     """The plan without what a resumed run may change: its length (epochs, minutes) and how the
-    network runs (precision, compile, memory format)."""
+    network runs (precision, compile, memory format, deterministic kernels)."""
     return plans.with_training(max_epochs=1, max_minutes=None, mixed_precision="off", compile=False,
-                               channels_last=False)
+                               channels_last=False, deterministic="auto")
 
 
 def resume_identity(plans: Plans, preprocessed_sha: str) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,11 @@ from kitspipe.training.state import TrainingState, rng_state
 from kitspipe.training.weight_average import WeightAverage
 
 log = logging.getLogger(__name__)
+
+# An epoch that waited for batches longer than this share of its training time is loader-bound;
+# epochs shorter than MIN_EPOCH_SECONDS_TO_JUDGE are dominated by the workers' start-up.
+DATA_BOUND_SHARE = 0.3
+MIN_EPOCH_SECONDS_TO_JUDGE = 10.0
 
 
 @dataclass
@@ -149,6 +155,7 @@ def fit(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, state: Trainin
         optimiser_state: dict | None = None) -> TrainingState:
     """Run (or continue) every phase of ``trainer`` from ``state``."""
     phases = trainer.phases()
+    warned_about_data = False
     while state.phase_index < len(phases) and not state.finished:
         phase = phases[state.phase_index]
         parameters = list(trainer.trainable_parameters(network, phase))
@@ -205,6 +212,8 @@ def fit(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, state: Trainin
             loss_text = "n/a" if row["loss_total"] is None else f"{row['loss_total']:.4f}"
             log.info("%s epoch %d: loss %s, %s%s", phase.name, row["epoch"], loss_text,
                      ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), f" -> {reason}" if done else "")
+            if not warned_about_data:
+                warned_about_data = _warn_if_waiting_for_data(row, context.plans)
             if done:
                 break
             if _past(context.deadline):
@@ -212,6 +221,28 @@ def fit(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, state: Trainin
                 save_state(context, network, optimiser, state)
                 return state
     return state
+
+
+def _warn_if_waiting_for_data(row: dict, plans: Plans) -> bool:
+    """Warn (and return True) when an epoch spent more than DATA_BOUND_SHARE of its training time
+    waiting for batches: the loader, not the device, sets the pace then. On a GPU the `paper`
+    preset's step takes 0.03 s while one augmented sample costs 0.2-0.4 s of a CPU core
+    (docs/performance.md), so the preset's 4 workers cannot keep up."""
+    waited, computed = row["seconds_data"], row["seconds_compute"]
+    if waited + computed < MIN_EPOCH_SECONDS_TO_JUDGE or waited <= DATA_BOUND_SHARE * (waited + computed):
+        return False
+    log.warning("epoch %d waited for data %.0f %% of its %.0f s of training: the loader sets the pace; raise "
+                "training.num_workers (now %d; %d CPU cores available)", row["epoch"],
+                100 * waited / (waited + computed), waited + computed, plans.training.num_workers, available_cores())
+    return True
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, e.g. in a container)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity query
+        return os.cpu_count() or 1
 
 
 def _validation_due(plans: Plans, phase: Phase, state: TrainingState, deadline: float | None) -> bool:

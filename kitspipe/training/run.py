@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from kitspipe.atomic import remove_stale_temporaries
-from kitspipe.devices import autocast_dtype, channels_last_active, describe, maybe_compile, set_memory_format
+from kitspipe.devices import (autocast_dtype, channels_last_active, configure_determinism, describe, maybe_compile,
+                              set_memory_format)
 from kitspipe.errors import KitspipeError, Problem
 from kitspipe.locking import work_lock
 from kitspipe.manifest import require_complete
@@ -148,11 +149,8 @@ def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resum
         raise KitspipeError(Problem("train", "-", folder, "nothing to resume (no valid checkpoint_latest)"))
     folder.mkdir(parents=True, exist_ok=True)
     seed_everything(plans.training.seed * 1000 + fold)
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    # Deterministic mode also fills every new tensor with NaN, which bench/train_step.py measured
-    # at a quarter of a cpu-preset step; results are deterministic without that fill.
-    torch.utils.deterministic.fill_uninitialized_memory = False
     target = pick_device(device)
+    configure_determinism(plans.training.deterministic, target)
     trainer = trainer_cls(plans)
     network = trainer.build_network().to(target)
     loss_fn = trainer.build_loss().to(target)
