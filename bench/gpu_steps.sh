@@ -13,6 +13,8 @@ TMP="$(mktemp -d /tmp/kitspipe-gpu-XXXXXX)"
 export MPLBACKEND=Agg PYTHONUNBUFFERED=1
 PY=python3
 KP="$PY -m kitspipe --no-progress"
+printf 'step\texit\tseconds\n' > "$OUT/steps.tsv"  # a new session starts both files afresh
+: > "$OUT/session.log"
 
 elapsed() { echo $(( $(date +%s) - STARTED )); }
 
@@ -21,7 +23,6 @@ elapsed() { echo $(( $(date +%s) - STARTED )); }
 step() {
     local name="$1" limit="$2"
     shift 2
-    [[ -f "$OUT/steps.tsv" ]] || printf 'step\texit\tseconds\n' > "$OUT/steps.tsv"
     local left=$(( SESSION_S - $(elapsed) - 5 ))
     if (( left < 20 )); then
         printf '%s\tskipped\t0\n' "$name" >> "$OUT/steps.tsv"

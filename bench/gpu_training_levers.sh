@@ -21,7 +21,7 @@ STEP_ECHO="^($PRESET) "  # the step table's data row, the conv3d rows and the lo
 source bench/gpu_steps.sh  # OUT, TMP, STARTED, PY, KP and step()
 
 $PY -c "import torch, platform; print(platform.python_version(), torch.__version__,
-torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')" 2>&1 | tee "$OUT/session.log"
+torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')" 2>&1 | tee -a "$OUT/session.log"
 step synth 60 $KP synth "$TMP/small" --cases 6 --size small
 
 BENCH="$PY bench/train_step.py --device $DEVICE --quick --no-nnunet --results $OUT/results.jsonl --presets $PRESET

@@ -245,9 +245,9 @@ def prepare(data: Path, scratch: Path, preset: str, n_cases: int) -> Path:
 def plan_steps(args, preset: str) -> tuple[int, int]:
     """(warm-up steps, timed steps) of a preset."""
     slow = preset == "paper" and args.device == "cpu"
-    if args.repeats is not None:
-        return (0 if slow and args.quick else 1), args.repeats
     warmup = 2 if args.compile else 1
+    if args.repeats is not None:
+        return (0 if slow and args.quick else warmup), args.repeats
     if args.quick:
         return (0, 1) if slow else (warmup, 3)
     return (1, 2) if slow else (warmup, 10)
@@ -387,6 +387,8 @@ def main() -> None:
     parser.add_argument("--no-nnunet", dest="nnunet", action="store_false",
                         help="skip nnU-Net's training step (run on the CPU when nnunetv2 is importable)")
     args = parser.parse_args()
+    if args.compile_mode and not args.compile:
+        parser.error("--compile-mode needs --compile")
     benchlib.run_benchmark(args, "bench/train_step.py", measure, child_main, notes=(), after=None)
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import typing
+from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -99,6 +100,24 @@ def configure_determinism(setting: str, device: torch.device | str) -> bool:
     torch.utils.deterministic.fill_uninitialized_memory = False
     torch.backends.cudnn.benchmark = not deterministic
     return deterministic
+
+
+@contextlib.contextmanager
+def kernel_choice(setting: str, device: torch.device | str) -> Iterator[bool]:
+    """:func:`configure_determinism` for the block, the process's previous choice afterwards.
+
+    Training chooses for itself; inference run later in the same process (cross-validation with
+    one job, the demo) keeps the choice it would make on its own, e.g. no cuDNN timing for each
+    of its case-dependent tile shapes.
+    """
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark, torch.utils.deterministic.fill_uninitialized_memory)
+    try:
+        yield configure_determinism(setting, device)
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
+        torch.utils.deterministic.fill_uninitialized_memory = saved[3]
 
 
 def unwrap(network: nn.Module) -> nn.Module:

@@ -174,7 +174,7 @@ class TrainingPlan:
     mixed_precision: MixedPrecision = "off"
     compile: bool = False
     channels_last: bool = False
-    deterministic: Determinism = "auto"
+    deterministic: Determinism = "on"  # the behaviour of plans written before the field existed
 
     def __post_init__(self) -> None:
         if self.n_folds < 2:

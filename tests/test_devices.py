@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kitspipe.devices import (autocast, autocast_dtype, batch_to_device, channels_last_active, configure_determinism,
-                              deterministic_kernels, maybe_compile, unwrap)
+                              deterministic_kernels, kernel_choice, maybe_compile, unwrap)
 from kitspipe.errors import PlanError
 from kitspipe.inference.predictor import fast_tile_voxels, predict_volume
 from kitspipe.inference.tile_budget import activation_bytes_per_voxel, tile_voxels_for_memory
@@ -89,22 +89,34 @@ def test_configure_determinism_sets_the_process_flags(restore_kernel_choice):
     assert configure_determinism("auto", "cpu") is True
     assert torch.are_deterministic_algorithms_enabled() and torch.is_deterministic_algorithms_warn_only_enabled()
     assert not torch.backends.cudnn.benchmark and not torch.utils.deterministic.fill_uninitialized_memory
+    # kernel_choice scopes the choice: a process's later inference keeps its own.
+    torch.use_deterministic_algorithms(False)
+    torch.backends.cudnn.benchmark = False
+    with kernel_choice("on", "cpu") as deterministic:
+        assert deterministic and torch.are_deterministic_algorithms_enabled()
+    with kernel_choice("off", "cuda"):
+        assert torch.backends.cudnn.benchmark
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
 
 
 def test_a_run_without_deterministic_kernels_says_so_and_may_resume_with_them(tiny_work, restore_kernel_choice):
     plans = json.loads((tiny_work / "plans.json").read_text())
     plans["training"]["deterministic"] = "off"
     (tiny_work / "plans.json").write_text(json.dumps(plans))
-    folder = train_fold(tiny_work, 0, epochs=1, trainer="UNet3DTrainer", progress=False)
+    before = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark)
+    folder = train_fold(tiny_work, 0, epochs=1, trainer="UNet3DTrainer", device="cpu", progress=False)
+    assert (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark) == before
     sidecar = json.loads((folder / "checkpoint_latest.json").read_text())
     assert sidecar["determinism"]["bitwise"] is False
     assert "deterministic algorithms are off" in sidecar["determinism"]["reasons"]
-    # How kernels are chosen is how the network runs, not what it learns: a resume may change it.
+    # How kernels are chosen is how the network runs, not what it learns: a resume may change it,
+    # and the run as a whole stays unrepeatable, because its first part was.
     plans["training"]["deterministic"] = "auto"
     (tiny_work / "plans.json").write_text(json.dumps(plans))
-    folder = train_fold(tiny_work, 0, epochs=2, trainer="UNet3DTrainer", resume=True, progress=False)
+    folder = train_fold(tiny_work, 0, epochs=2, trainer="UNet3DTrainer", resume=True, device="cpu", progress=False)
     sidecar = json.loads((folder / "checkpoint_latest.json").read_text())
-    assert sidecar["state"]["finished"] and sidecar["determinism"]["bitwise"] is True
+    assert sidecar["state"]["finished"] and sidecar["determinism"] == {
+        "bitwise": False, "reasons": ["deterministic algorithms are off"]}
 
 
 def test_compiled_and_data_parallel_networks_save_plain_keys(tmp_path):

@@ -169,3 +169,16 @@ def test_a_loader_bound_epoch_is_warned_about_once_it_is_long_enough_to_judge(ca
         assert _warn_if_waiting_for_data({"epoch": 2, "seconds_data": 60.0, "seconds_compute": 40.0}, plans)
     assert len(caplog.records) == 1
     assert "epoch 2 waited for data 60 % of its 100 s" in caplog.text and "num_workers (now 4;" in caplog.text
+
+
+def test_fit_warns_about_a_loader_bound_run_once(tiny_work, monkeypatch, caplog):
+    import kitspipe.training.loop as loop
+
+    # Every epoch counts as loader-bound: the warning must still come once per train call.
+    monkeypatch.setattr(loop, "MIN_EPOCH_SECONDS_TO_JUDGE", 0.0)
+    monkeypatch.setattr(loop, "DATA_BOUND_SHARE", 0.0)
+    with caplog.at_level("WARNING", logger="kitspipe.training.loop"):
+        folder = train_fold(tiny_work, 0, epochs=2, trainer="UNet3DTrainer", device="cpu", progress=False)
+    assert len(json.loads((folder / "checkpoint_latest.json").read_text())["state"]["history"]) >= 2
+    warnings = [record for record in caplog.records if "waited for data" in record.getMessage()]
+    assert len(warnings) == 1 and "epoch 0 waited for data" in warnings[0].getMessage()

@@ -28,7 +28,7 @@ def stable_plan(plans: Plans) -> Plans:
     """The plan without what a resumed run may change: its length (epochs, minutes) and how the
     network runs (precision, compile, memory format, deterministic kernels)."""
     return plans.with_training(max_epochs=1, max_minutes=None, mixed_precision="off", compile=False,
-                               channels_last=False, deterministic="auto")
+                               channels_last=False, deterministic="on")
 
 
 def resume_identity(plans: Plans, preprocessed_sha: str) -> dict:
@@ -84,12 +84,15 @@ def refuse_changed_run(metadata: dict, identity: dict, folder: Path) -> None:
                                     "started, or kitspipe did; --force starts over", listed, "unchanged"))
 
 
-def determinism(device: torch.device, world: int) -> dict:
+def determinism(device: torch.device, world: int, earlier: dict | None = None) -> dict:
     """Whether this run can be repeated bit for bit, and if not, why.
 
-    Deterministic algorithms are on in warn-only mode, so an operation without a deterministic
-    version warns instead of stopping the run; on CUDA, cuBLAS is deterministic only with
-    ``CUBLAS_WORKSPACE_CONFIG`` set before the first call.
+    Reads the process's kernel choice (``training.deterministic``, set by
+    ``kitspipe.devices.kernel_choice``): deterministic algorithms run in warn-only mode, so an
+    operation without a deterministic version warns instead of stopping the run; on CUDA,
+    cuBLAS is deterministic only with ``CUBLAS_WORKSPACE_CONFIG`` set before the first call.
+    ``earlier`` is what the checkpoint being resumed recorded: a run that was not repeatable
+    before the resume is not repeatable as a whole, whatever the resumed part does.
     """
     reasons = []
     if device.type == "cuda":
@@ -104,4 +107,6 @@ def determinism(device: torch.device, world: int) -> dict:
         reasons.append(f"{world} processes: the order of gradient reductions may vary")
     if not torch.are_deterministic_algorithms_enabled():
         reasons.append("deterministic algorithms are off")
+    if earlier is not None and earlier.get("bitwise") is False:
+        reasons += [reason for reason in earlier.get("reasons", []) if reason not in reasons]
     return {"bitwise": not reasons, "reasons": reasons}

@@ -212,7 +212,7 @@ def fit(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, state: Trainin
             loss_text = "n/a" if row["loss_total"] is None else f"{row['loss_total']:.4f}"
             log.info("%s epoch %d: loss %s, %s%s", phase.name, row["epoch"], loss_text,
                      ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), f" -> {reason}" if done else "")
-            if not warned_about_data:
+            if not warned_about_data and context.rank == 0:
                 warned_about_data = _warn_if_waiting_for_data(row, context.plans)
             if done:
                 break

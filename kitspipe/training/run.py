@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from kitspipe.atomic import remove_stale_temporaries
-from kitspipe.devices import (autocast_dtype, channels_last_active, configure_determinism, describe, maybe_compile,
+from kitspipe.devices import (autocast_dtype, channels_last_active, describe, kernel_choice, maybe_compile,
                               set_memory_format)
 from kitspipe.errors import KitspipeError, Problem
 from kitspipe.locking import work_lock
@@ -104,7 +104,8 @@ def train_fold(work: str | Path, fold: int, trainer: str | None = None, resume: 
     folder = fold_folder(work, fold, trainer_cls.__name__)
     rank, world = _distributed()
     identity = resume_identity(plans, manifest["config_sha256"])
-    with work_lock(folder, f"train fold {fold}") if rank == 0 else _nullcontext():
+    with (work_lock(folder, f"train fold {fold}") if rank == 0 else _nullcontext(),
+          kernel_choice(plans.training.deterministic, pick_device(device))):
         return _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resume, force, device,
                              rank, world, progress)
 
@@ -150,7 +151,6 @@ def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resum
     folder.mkdir(parents=True, exist_ok=True)
     seed_everything(plans.training.seed * 1000 + fold)
     target = pick_device(device)
-    configure_determinism(plans.training.deterministic, target)
     trainer = trainer_cls(plans)
     network = trainer.build_network().to(target)
     loss_fn = trainer.build_loss().to(target)
@@ -173,7 +173,7 @@ def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resum
     log.info("training fold %d on %s", fold, describe(
         target, autocast_dtype(plans.training.mixed_precision, target),
         channels_last=channels_last_active(plans.training.channels_last, target), compile=plans.training.compile))
-    reproducible = determinism(target, world)
+    reproducible = determinism(target, world, earlier=metadata.get("determinism") if tensors is not None else None)
     if reproducible["bitwise"]:
         log.info("training fold %d is deterministic: a rerun gives the same weights bit for bit", fold)
     else:

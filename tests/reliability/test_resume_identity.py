@@ -94,15 +94,19 @@ def test_item_31_a_run_from_before_new_plan_fields_may_resume(tmp_path):
 def test_item_48_non_deterministic_runs_are_labelled(monkeypatch):
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)
-    cuda = determinism(torch.device("cuda", 0), world=2)
-    assert not cuda["bitwise"] and cuda["reasons"] == [
-        "CUDA without CUBLAS_WORKSPACE_CONFIG=:4096:8", "cudnn.benchmark chooses kernels by timing",
-        "CUDA operations without a deterministic version only warn",
-        "2 processes: the order of gradient reductions may vary"]
-    previous = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(False)
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
     try:
+        cuda = determinism(torch.device("cuda", 0), world=2)
+        assert not cuda["bitwise"] and cuda["reasons"] == [
+            "CUDA without CUBLAS_WORKSPACE_CONFIG=:4096:8", "cudnn.benchmark chooses kernels by timing",
+            "CUDA operations without a deterministic version only warn",
+            "2 processes: the order of gradient reductions may vary"]
+        assert determinism(torch.device("cpu"), world=1) == {"bitwise": True, "reasons": []}
+        # A resumed run inherits what made its first part unrepeatable.
+        assert determinism(torch.device("cpu"), world=1, earlier=cuda) == cuda
+        torch.use_deterministic_algorithms(False)
         assert determinism(torch.device("cpu"), world=1) == {"bitwise": False,
                                                              "reasons": ["deterministic algorithms are off"]}
     finally:
-        torch.use_deterministic_algorithms(previous, warn_only=True)
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
