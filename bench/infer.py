@@ -7,7 +7,7 @@ inference's own preprocessing) and ``kitspipe.inference.predictor.normalise``. T
 ``kitspipe.trainers.builtin.build_dual_network(plans)`` with its (seeded) initial weights in
 eval mode: the cost of a forward pass does not depend on the weights. Each measurement of
 ``predict_volume(network, high, low, plans, mode=...)`` runs in a fresh child process (clean
-peak RSS, see benchlib).
+peak RSS, see child_process.py).
 
 Work done: forward hooks on every convolution count the FLOPs that actually ran (2 ×
 multiply-adds, as ``kitspipe.networks.sizes.unet_forward_flops``), and the ratio to the
@@ -66,10 +66,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+import child_process  # noqa: E402
 import ceiling  # noqa: E402
 import nnunet_reference  # noqa: E402
 import whole_case_inference  # noqa: E402
-from benchlib import ChildResult, Summary, mib, summary_json, table  # noqa: E402
+from benchlib import Summary, mib, summary_json, table  # noqa: E402
 from infer_regions import crop_box, mode_settings  # noqa: E402
 from inference_flops import (count_flops, dense_flops_per_voxel, fast_mode_flops, mask_branch,  # noqa: E402
                              paper_mode_tiles, spy_on_tile_plans)
@@ -95,11 +96,11 @@ def child_main(spec: dict[str, Any]) -> None:
 
 def child_conv(spec: dict[str, Any]) -> None:
     """The conv3d ceiling on the device, float32 and (with amp) bf16."""
-    baseline = benchlib.rss_bytes()
-    clock = benchlib.ChildClock()
+    baseline = child_process.rss_bytes()
+    clock = child_process.ChildClock()
     conv = [ceiling.conv_reference(108, 32, spec["device"], spec["repeats"], amp)
             for amp in ((False, True) if spec["amp"] else (False,))]
-    benchlib.child_report(clock, baseline, conv=conv)
+    child_process.child_report(clock, baseline, conv=conv)
 
 
 def child_prepare(spec: dict[str, Any]) -> None:
@@ -112,8 +113,8 @@ def child_prepare(spec: dict[str, Any]) -> None:
     from kitspipe.preprocessing import prepare_case
 
     plans = load_plans(spec["plans"])
-    baseline = benchlib.rss_bytes()
-    clock = benchlib.ChildClock()
+    baseline = child_process.rss_bytes()
+    clock = child_process.ChildClock()
     image = read_volume(spec["image"], dtype=np.float32, stage="infer")
     prepared = prepare_case(image, None, plans)
     high, low = normalise(prepared.high_image, plans), normalise(prepared.low_image, plans)
@@ -125,7 +126,7 @@ def child_prepare(spec: dict[str, Any]) -> None:
     bbox = spec["foreground_bbox"]
     centre = [((a + b) / 2 - start) * src / dst for (a, b), start, src, dst
               in zip(bbox, prepared.crop.start, image.grid.spacing, prepared.high_grid.spacing)]
-    benchlib.child_report(clock, baseline, prepare_seconds=seconds, prepare_cpu_seconds=cpu,
+    child_process.child_report(clock, baseline, prepare_seconds=seconds, prepare_cpu_seconds=cpu,
                           high_shape=list(high.shape), low_shape=list(low.shape), kidney_centre_high=centre)
 
 
@@ -174,15 +175,15 @@ def child_predict(spec: dict[str, Any]) -> None:
         branch = mask_branch(plans)[1]
         with autocast(device, torch.bfloat16 if spec["amp"] else None):  # the budget depends on the dtype
             budget = fast_tile_voxels(plans, device, plans.high.base_filters, branch)
-    baseline = benchlib.rss_bytes()
-    clock = benchlib.ChildClock()
+    baseline = child_process.rss_bytes()
+    clock = child_process.ChildClock()
     region = Box(*map(tuple, spec["region"])) if spec.get("region") else False
     prediction = predict_volume(network, high, low, plans, mode="fast" if spec["mode"] == "roi" else spec["mode"],
                                 device=device, mixed_precision="bf16" if spec["amp"] else "off",
                                 region_of_interest=region)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    benchlib.child_report(clock, baseline, flops=flops["flops"], tile_seconds=tile_seconds, tile_plans=tile_plans,
+    child_process.child_report(clock, baseline, flops=flops["flops"], tile_seconds=tile_seconds, tile_plans=tile_plans,
                           high_shape=list(high.shape), low_shape=list(low.shape),
                           output_shape=list(prediction.regions.shape), gpu_free_bytes_at_start=free_bytes,
                           fast_tile_budget_voxels=budget, region=spec.get("region"),
@@ -218,11 +219,11 @@ def measure(args) -> dict[str, Any]:
         fingerprint = load_fingerprint(work)["cases"][0]
 
         print(f"{case.case_id}: prepare_case (inference preprocessing) ...", flush=True)
-        prepared = benchlib.run_child(SCRIPT, {"task": "prepare", "plans": str(plans_path),
+        prepared = child_process.run_child(SCRIPT, {"task": "prepare", "plans": str(plans_path),
                                                "image": str(case.image), "out": str(scratch),
                                                "foreground_bbox": fingerprint["foreground_bbox"]})
         high_shape, low_shape = prepared.extra["high_shape"], prepared.extra["low_shape"]
-        results: dict[str, list[ChildResult]] = {}
+        results: dict[str, list[child_process.ChildResult]] = {}
         boxes: dict[str, list[list[int]] | None] = {}
         settings = mode_settings(args)
         # The box roi mode and the end-to-end comparison restrict the 1 mm network to.
@@ -236,9 +237,9 @@ def measure(args) -> dict[str, Any]:
             spec = {"task": "predict", "plans": str(plans_path), "high": str(scratch / "high.npy"),
                     "low": str(scratch / "low.npy"), "box": box, "mode": mode, "device": args.device, "amp": args.amp,
                     "region": region if mode == "roi" else None}
-            results[mode] = [benchlib.run_child(SCRIPT, spec) for _ in range(settings[mode]["runs"])]
+            results[mode] = [child_process.run_child(SCRIPT, spec) for _ in range(settings[mode]["runs"])]
         print("conv3d 32→32 reference ...", flush=True)
-        conv = benchlib.run_child(SCRIPT, {"task": "conv", "device": args.device, "amp": args.amp,
+        conv = child_process.run_child(SCRIPT, {"task": "conv", "device": args.device, "amp": args.amp,
                                            "repeats": args.repeats or (1 if args.quick else 3)}).extra["conv"]
         comparison = (nnunet_reference.compare_inference(SCRIPT, case, plan_cases, plans_path, region, scratch,
                                                          args) if args.nnunet else None)
@@ -251,7 +252,7 @@ def measure(args) -> dict[str, Any]:
     return figures
 
 
-def report(case_id: str, fingerprint: dict, plans, prepared: ChildResult, results: dict[str, list[ChildResult]],
+def report(case_id: str, fingerprint: dict, plans, prepared: child_process.ChildResult, results: dict[str, list[child_process.ChildResult]],
            boxes: dict[str, list[list[int]] | None], high_shape: list[int], low_shape: list[int],
            conv: list[dict[str, Any]], args) -> dict[str, Any]:
     from kitspipe.inference.tile_budget import DEFAULT_SAFETY, activation_bytes_per_voxel

@@ -4,7 +4,7 @@ Used by ``bench/preprocess.py``, ``bench/infer.py`` and ``bench/train_step.py`` 
 is importable and the device is the CPU (``make bench-nnunet`` installs it in a virtual
 environment of its own; this module never installs it). nnU-Net reads its three folders from
 environment variables when it is imported, so everything of nnU-Net runs in child processes
-that get those variables (``benchlib.run_child(..., env=...)``).
+that get those variables (``child_process.run_child(..., env=...)``).
 
 Set-up (not timed): a raw dataset ``Dataset987_KitspipeBench`` of hard links to the cases,
 ``nnUNetv2_extract_fingerprint`` and ``nnUNetv2_plan_experiment`` with nnU-Net's defaults.
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import benchlib
+import child_process
 from benchlib import Summary, mib, summary_json, table
 
 DATASET_ID = 987
@@ -114,18 +115,18 @@ def child_preprocess(spec: dict[str, Any]) -> None:
 
     sys.argv = ["nnUNetv2_preprocess", "-d", str(DATASET_ID), "-c", spec["configuration"],
                 "-np", str(spec["workers"])]
-    baseline = benchlib.rss_bytes()
-    clock = benchlib.ChildClock()
+    baseline = child_process.rss_bytes()
+    clock = child_process.ChildClock()
     preprocess_entry()
-    benchlib.child_report(clock, baseline)
+    child_process.child_report(clock, baseline)
 
 
 def child_import() -> None:
     """How long importing nnU-Net's entry points takes (not counted in the preprocessing times)."""
-    clock = benchlib.ChildClock()
+    clock = child_process.ChildClock()
     import nnunetv2.experiment_planning.plan_and_preprocess_entrypoints  # noqa: F401
 
-    benchlib.child_report(clock, 0)
+    child_process.child_report(clock, 0)
 
 
 def crop_slices(shape: tuple[int, ...], patch: tuple[int, ...], tiles_per_axis: tuple[int, ...]) -> tuple[slice, ...]:
@@ -197,8 +198,8 @@ def child_train_step(spec: dict[str, Any]) -> None:
         torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
         optimiser.step()
 
-    baseline = benchlib.rss_bytes()
-    clock = benchlib.ChildClock()
+    baseline = child_process.rss_bytes()
+    clock = child_process.ChildClock()
     counter = FlopCounterMode(display=False)
     with counter:
         step()
@@ -208,7 +209,7 @@ def child_train_step(spec: dict[str, Any]) -> None:
         step()
         seconds.append(time.perf_counter() - started)
     conv = ceiling.conv_reference(108, 32, "cpu", spec["conv_repeats"], False)
-    benchlib.child_report(clock, baseline, step_s=seconds, counted_gflop=counter.get_total_flops() / 1e9,
+    child_process.child_report(clock, baseline, step_s=seconds, counted_gflop=counter.get_total_flops() / 1e9,
                           batch_size=batch, patch_size=list(patch), conv=conv)
 
 
@@ -228,8 +229,8 @@ def child_predict(spec: dict[str, Any]) -> None:
     predictor.manual_initialization(network, plans_manager, configuration, None, dataset_json, "nnUNetTrainer", None)
     threads = torch.get_num_threads()  # nnU-Net's own default is 8 threads whatever the machine has
 
-    baseline = benchlib.rss_bytes()
-    clock = benchlib.ChildClock()
+    baseline = child_process.rss_bytes()
+    clock = child_process.ChildClock()
     marks = [time.perf_counter()]
     data, _, properties = configuration.preprocessor_class(verbose=False).run_case(
         [spec["image"]], None, plans_manager, configuration, dataset_json)
@@ -254,7 +255,7 @@ def child_predict(spec: dict[str, Any]) -> None:
                                   str(Path(spec["out"]) / "nnunet_prediction"), False, num_threads_torch=threads)
     marks.append(time.perf_counter())
     stages = {"preprocess": marks[1] - marks[0], "sliding_window": marks[3] - marks[2], "export": marks[5] - marks[4]}
-    benchlib.child_report(clock, baseline, stages=stages, run_tiles=run_tiles, whole_tiles=whole_tiles,
+    child_process.child_report(clock, baseline, stages=stages, run_tiles=run_tiles, whole_tiles=whole_tiles,
                           patch_size=list(patch), spacing=list(configuration.spacing),
                           preprocessed_shape=list(data.shape[1:]), crop_shape=list(window_input.shape[1:]),
                           flops=flops["flops"], flops_per_patch_voxel=flops["flops"] / run_tiles / math.prod(patch))
@@ -262,7 +263,7 @@ def child_predict(spec: dict[str, Any]) -> None:
 
 # ----------------------------------------------------------------------------- parent side
 
-def whole_case_estimate(result: benchlib.ChildResult) -> dict[str, float]:
+def whole_case_estimate(result: child_process.ChildResult) -> dict[str, float]:
     """Seconds of the whole case by stage: the sliding window scaled from the crop's tiles."""
     stages = result.extra["stages"]
     per_tile = stages["sliding_window"] / result.extra["run_tiles"]
@@ -301,12 +302,12 @@ def compare_inference(script: Path, case, plan_cases: list, plans_path: Path, re
     for run in range(runs):
         print(f"end to end {run + 1}/{runs}: nnU-Net {CONFIGURATION} ({where}, planned on {len(plan_cases)} "
               "cases), then kitspipe ...", flush=True)
-        nnunet_runs.append(benchlib.run_child(script, nnunet_spec, env=env))
-        kitspipe_runs.append(benchlib.run_child(script, kitspipe_spec))
+        nnunet_runs.append(child_process.run_child(script, nnunet_spec, env=env))
+        kitspipe_runs.append(child_process.run_child(script, kitspipe_spec))
     return nnunet_runs, kitspipe_runs
 
 
-def report_inference(nnunet_runs: list[benchlib.ChildResult], kitspipe_runs: list[benchlib.ChildResult],
+def report_inference(nnunet_runs: list[child_process.ChildResult], kitspipe_runs: list[child_process.ChildResult],
                      precision: str) -> dict[str, Any]:
     """The table of one case through both pipelines, end to end, and the ratio of their medians."""
     estimates = [whole_case_estimate(r) for r in nnunet_runs]
@@ -351,7 +352,7 @@ def report_inference(nnunet_runs: list[benchlib.ChildResult], kitspipe_runs: lis
             "seconds_ratio_kitspipe_over_nnunet": ratio}
 
 
-def compare_training(script: Path, scratch: Path, args, plan_cases: int = PLAN_CASES) -> benchlib.ChildResult | str:
+def compare_training(script: Path, scratch: Path, args, plan_cases: int = PLAN_CASES) -> child_process.ChildResult | str:
     """nnU-Net's training step with its 3d_fullres plan for ``plan_cases`` full-size synthetic
     cases, in a child of ``script`` (task ``nnunet``); or why it was skipped."""
     reason = skip_reason(args.device)
@@ -363,11 +364,11 @@ def compare_training(script: Path, scratch: Path, args, plan_cases: int = PLAN_C
     env = setup(benchlib.labelled_cases(data), scratch / "nnunet")
     steps = args.repeats or (1 if args.quick else 2)
     print(f"nnU-Net {CONFIGURATION}: 1 warm-up + {steps} timed training steps ...", flush=True)
-    return benchlib.run_child(script, {"task": "nnunet", "steps": steps, "conv_repeats": 1 if args.quick else 3},
+    return child_process.run_child(script, {"task": "nnunet", "steps": steps, "conv_repeats": 1 if args.quick else 3},
                               env=env)
 
 
-def report_training(result: benchlib.ChildResult, kitspipe: dict[str, Any] | None, amp: bool) -> dict[str, Any]:
+def report_training(result: child_process.ChildResult, kitspipe: dict[str, Any] | None, amp: bool) -> dict[str, Any]:
     """nnU-Net's step next to the kitspipe ``paper`` preset's (``kitspipe``: its train_step figures)."""
     r = result.extra
     seconds = Summary.of(r["step_s"])

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark of the fingerprint and preprocess stages on full-size (512 x 512) cases.
 
-Measured, each in a fresh child process (clean peak RSS, see benchlib):
+Measured, each in a fresh child process (clean peak RSS, see child_process.py):
 
 * per case: ``kitspipe.fingerprint.run_fingerprint`` of a one-case dataset, and
   ``kitspipe.preprocessing.run_preprocess(work, jobs=1)`` with the ``paper`` plan (1 mm and
@@ -32,8 +32,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+import child_process  # noqa: E402
 import nnunet_reference  # noqa: E402
-from benchlib import ChildResult, Summary, mib, summary_json, table  # noqa: E402
+from benchlib import Summary, mib, summary_json, table  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 CANDIDATES = 12  # synthetic case indices the spread of sizes is picked from
@@ -49,14 +50,14 @@ def child_main(spec: dict[str, Any]) -> None:
     if task == "fingerprint":
         from kitspipe.fingerprint import run_fingerprint
 
-        baseline = benchlib.rss_bytes()
-        clock = benchlib.ChildClock()
+        baseline = child_process.rss_bytes()
+        clock = child_process.ChildClock()
         run_fingerprint(spec["data"], spec["work"], jobs=1, progress=False, force=True)
     elif task == "preprocess":
         from kitspipe.preprocessing import run_preprocess
 
-        baseline = benchlib.rss_bytes()
-        clock = benchlib.ChildClock()
+        baseline = child_process.rss_bytes()
+        clock = child_process.ChildClock()
         run_preprocess(spec["work"], jobs=spec["jobs"], progress=False, force=True)
     elif task == "nnunet":
         nnunet_reference.child_preprocess(spec)
@@ -66,7 +67,7 @@ def child_main(spec: dict[str, Any]) -> None:
         return
     else:
         raise ValueError(f"unknown task {task!r}")
-    benchlib.child_report(clock, baseline)
+    child_process.child_report(clock, baseline)
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -82,8 +83,8 @@ class CaseRun:
     data: Path
     high_shape: tuple[int, ...] = ()
     low_shape: tuple[int, ...] = ()
-    fingerprint: list[ChildResult] = field(default_factory=list)
-    preprocess: list[ChildResult] = field(default_factory=list)
+    fingerprint: list[child_process.ChildResult] = field(default_factory=list)
+    preprocess: list[child_process.ChildResult] = field(default_factory=list)
 
     @property
     def voxels(self) -> int:
@@ -162,24 +163,24 @@ def measure(args) -> dict[str, Any]:
 
         # jobs=1 over the dataset is the sequence of the per-case runs (same code path, one case
         # after the other), so only jobs=2 is run over the whole dataset.
-        dataset_runs: dict[str, list[ChildResult]] = {"jobs=2": []} if len(cases) > 1 else {}
-        nnunet_runs: dict[tuple[str, int], list[ChildResult]] = {(c, w): [] for w in NNUNET_WORKERS
+        dataset_runs: dict[str, list[child_process.ChildResult]] = {"jobs=2": []} if len(cases) > 1 else {}
+        nnunet_runs: dict[tuple[str, int], list[child_process.ChildResult]] = {(c, w): [] for w in NNUNET_WORKERS
                                                                   for c in nnunet_configs}
         # Repeats are interleaved so that a change of machine load spreads over every measurement.
         for repeat in range(repeats):
             print(f"repeat {repeat + 1}/{repeats} ...", flush=True)
             for run in runs:
-                run.fingerprint.append(benchlib.run_child(SCRIPT, {"task": "fingerprint", "data": str(run.data),
+                run.fingerprint.append(child_process.run_child(SCRIPT, {"task": "fingerprint", "data": str(run.data),
                                                                    "work": str(run.work)}))
-                run.preprocess.append(benchlib.run_child(SCRIPT, {"task": "preprocess", "work": str(run.work),
+                run.preprocess.append(child_process.run_child(SCRIPT, {"task": "preprocess", "work": str(run.work),
                                                                   "jobs": 1}))
             if dataset_runs:
-                dataset_runs["jobs=2"].append(benchlib.run_child(SCRIPT, {"task": "preprocess", "work": str(all_work),
+                dataset_runs["jobs=2"].append(child_process.run_child(SCRIPT, {"task": "preprocess", "work": str(all_work),
                                                                           "jobs": 2}))
             for config, workers in nnunet_runs:
-                nnunet_runs[config, workers].append(benchlib.run_child(
+                nnunet_runs[config, workers].append(child_process.run_child(
                     SCRIPT, {"task": "nnunet", "configuration": config, "workers": workers}, env=nnunet_env))
-        nnunet_import = [benchlib.run_child(SCRIPT, {"task": "nnunet_import"}, env=nnunet_env)
+        nnunet_import = [child_process.run_child(SCRIPT, {"task": "nnunet_import"}, env=nnunet_env)
                          for _ in range(repeats)] if nnunet_env else []
         for run in runs:
             run.high_shape, run.low_shape = output_shapes(run.work, run.case_id)
@@ -191,9 +192,9 @@ def measure(args) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- report
 
-def report(runs: list[CaseRun], dataset_runs: dict[str, list[ChildResult]],
-           nnunet_runs: dict[tuple[str, int], list[ChildResult]],
-           nnunet_import: list[ChildResult], nnunet_note: str, nnunet_spacing: dict[str, list[float]], repeats: int,
+def report(runs: list[CaseRun], dataset_runs: dict[str, list[child_process.ChildResult]],
+           nnunet_runs: dict[tuple[str, int], list[child_process.ChildResult]],
+           nnunet_import: list[child_process.ChildResult], nnunet_note: str, nnunet_spacing: dict[str, list[float]], repeats: int,
            args) -> dict[str, Any]:
     rows = []
     figures_cases = []
@@ -264,12 +265,12 @@ def report(runs: list[CaseRun], dataset_runs: dict[str, list[ChildResult]],
     return figures
 
 
-def sequential_runs(runs: list[CaseRun]) -> list[ChildResult]:
+def sequential_runs(runs: list[CaseRun]) -> list[child_process.ChildResult]:
     """Repeat r of the whole dataset at jobs=1: the per-case runs of repeat r added up."""
     totals = []
     for repeat in range(len(runs[0].preprocess)):
         parts = [run.preprocess[repeat] for run in runs]
-        totals.append(ChildResult(seconds=sum(p.seconds for p in parts),
+        totals.append(child_process.ChildResult(seconds=sum(p.seconds for p in parts),
                                   cpu_seconds=sum(p.cpu_seconds for p in parts),
                                   peak_rss=max(p.peak_rss for p in parts),
                                   tree_peak_rss=max(p.tree_peak_rss for p in parts),
@@ -277,9 +278,9 @@ def sequential_runs(runs: list[CaseRun]) -> list[ChildResult]:
     return totals
 
 
-def nnunet_figures(runs: list[CaseRun], dataset_runs: dict[str, list[ChildResult]],
-                   nnunet_runs: dict[tuple[str, int], list[ChildResult]],
-                   nnunet_import: list[ChildResult], spacing: dict[str, list[float]]) -> dict[str, Any]:
+def nnunet_figures(runs: list[CaseRun], dataset_runs: dict[str, list[child_process.ChildResult]],
+                   nnunet_runs: dict[tuple[str, int], list[child_process.ChildResult]],
+                   nnunet_import: list[child_process.ChildResult], spacing: dict[str, list[float]]) -> dict[str, Any]:
     """nnU-Net's preprocessing of the same cases next to kitspipe's, 1 and 2 workers, and the ratios."""
     n = len(runs)
     configurations = sorted({c for c, _ in nnunet_runs}, key=NNUNET_CONFIGURATIONS.index)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark of one training step, for the ``cpu`` and the ``paper`` preset.
 
-Per preset, in a fresh child process (clean peak RSS, see benchlib), with kitspipe's own
+Per preset, in a fresh child process (clean peak RSS, see child_process.py), with kitspipe's own
 parts: ``PatchSampler`` + ``make_augmenter`` + ``make_loader`` feed batches, the trainer from
 the registry (``get_trainer(plans.training.trainer)(plans)``) builds network and loss, and
 a step is what ``kitspipe.training.loop.run_epoch`` does: move the batch, zero the grads,
@@ -58,6 +58,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+import child_process  # noqa: E402
 import ceiling  # noqa: E402
 import nnunet_reference  # noqa: E402
 from benchlib import Stopwatch, Summary, mib, summary_json, table  # noqa: E402
@@ -110,8 +111,8 @@ def child_main(spec: dict[str, Any]) -> None:
     channels_last = channels_last_active(spec["channels_last"], device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    baseline = benchlib.rss_bytes()
-    clock = benchlib.ChildClock()
+    baseline = child_process.rss_bytes()
+    clock = child_process.ChildClock()
 
     warmup, steps = spec["warmup"], spec["steps"]
     data_s, compute_s, losses = [], [], []
@@ -134,7 +135,7 @@ def child_main(spec: dict[str, Any]) -> None:
             compute_s.append(finished - started)
         waited = finished
     del loader
-    training_peak_rss = benchlib.peak_rss_bytes()
+    training_peak_rss = child_process.peak_rss_bytes()
     profile = profile_step(trainer, network, loss_fn, phase, batch, device, dtype, optimiser) if spec["profile"] else ""
     counted_gflop = counted_step_gflop(trainer, network, loss_fn, phase, batch, device, dtype)
     gpu_peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
@@ -170,7 +171,7 @@ def child_main(spec: dict[str, Any]) -> None:
             sampler.sample(np.random.default_rng([plans.training.seed, 2, index]))
         in_process.append(watch.seconds)
 
-    benchlib.child_report(
+    child_process.child_report(
         clock, baseline,
         preset=plans.preset, high_input=high_in, low_input=low_in, high_output=plans.high.output_patch[0],
         batch_size=plans.training.batch_size, workers=workers, deterministic=deterministic, warmup_steps=warmup,
@@ -275,7 +276,7 @@ def measure(args) -> dict[str, Any]:
                     "loader_batches": 2 if args.quick else (4 if slow else 10),
                     "sample_repeats": 3}
             print(f"{preset}: {warmup} warm-up + {steps} timed steps ...", flush=True)
-            results[preset] = benchlib.run_child(SCRIPT, spec)
+            results[preset] = child_process.run_child(SCRIPT, spec)
         nnunet = nnunet_reference.compare_training(SCRIPT, scratch, args) if args.nnunet else None
     figures = report(results, args)
     if isinstance(nnunet, str):
@@ -286,7 +287,7 @@ def measure(args) -> dict[str, Any]:
     return figures
 
 
-def report(results: dict[str, benchlib.ChildResult], args) -> dict[str, Any]:
+def report(results: dict[str, child_process.ChildResult], args) -> dict[str, Any]:
     step_rows, conv_rows, loader_rows = [], [], []
     figures: dict[str, Any] = {"amp_bf16": args.amp, "compile": args.compile, "compile_mode": args.compile_mode,
                                "channels_last": args.channels_last, "presets": {}}

@@ -25,6 +25,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
+import child_process  # noqa: E402
 from benchlib import mib  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
@@ -65,8 +66,8 @@ def child_main(spec: dict[str, Any]) -> None:
     plans = load_plans(spec["plans"])
     torch.manual_seed(0)
     network = build_dual_network(plans).eval()
-    baseline = benchlib.rss_bytes()
-    clock = benchlib.ChildClock()
+    baseline = child_process.rss_bytes()
+    clock = child_process.ChildClock()
     marks = [time.perf_counter()]
     image = read_volume(spec["image"], stage="infer")
     marks.append(time.perf_counter())
@@ -78,7 +79,7 @@ def child_main(spec: dict[str, Any]) -> None:
     write_prediction(labels, image, Path(spec["out"]) / "prediction.nii.gz")
     marks.append(time.perf_counter())
     stages = dict(zip(("read", "predict_case", "postprocess", "write"), (b - a for a, b in zip(marks, marks[1:]))))
-    benchlib.child_report(clock, baseline, stages=stages, source_shape=list(image.array.shape))
+    child_process.child_report(clock, baseline, stages=stages, source_shape=list(image.array.shape))
 
 
 def kidney_box(image_path: Path, label_path: Path, plans) -> list[list[int]]:
@@ -113,7 +114,7 @@ def measure(args) -> dict[str, Any]:
         save_plans(replace(plans, inference=replace(plans.inference, mixed_precision=precision)), plans_path)
         region = kidney_box(folder / "imaging.nii.gz", folder / "segmentation.nii.gz", plans)
         print(f"{case.case_id} at {args.slices} slices: 1 mm network on the kidneys' box {region} ...", flush=True)
-        result = benchlib.run_child(SCRIPT, {"plans": str(plans_path), "image": str(folder / "imaging.nii.gz"),
+        result = child_process.run_child(SCRIPT, {"plans": str(plans_path), "image": str(folder / "imaging.nii.gz"),
                                              "region": region, "out": str(scratch)})
     shape = result.extra["source_shape"]
     float32_bytes = 4 * shape[0] * shape[1] * shape[2]

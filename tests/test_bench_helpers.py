@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import benchlib  # noqa: E402
+import child_process  # noqa: E402
 import nnunet_reference  # noqa: E402
 
 
@@ -37,7 +37,7 @@ def test_a_crop_holds_the_requested_tiles_when_the_volume_is_large_enough(shape,
 
 
 def test_the_whole_case_scales_the_sliding_window_by_the_tile_count():
-    result = benchlib.ChildResult(seconds=0.0, cpu_seconds=0.0, peak_rss=0, tree_peak_rss=0, baseline_rss=0,
+    result = child_process.ChildResult(seconds=0.0, cpu_seconds=0.0, peak_rss=0, tree_peak_rss=0, baseline_rss=0,
                                   extra={"stages": {"preprocess": 3.0, "sliding_window": 48.0, "export": 5.0},
                                          "run_tiles": 4, "whole_tiles": 70})
     estimate = nnunet_reference.whole_case_estimate(result)
@@ -46,8 +46,8 @@ def test_the_whole_case_scales_the_sliding_window_by_the_tile_count():
     assert estimate["total"] == pytest.approx(848.0)
 
 
-def child(seconds: float = 0.0, peak: int = 2**30, **extra) -> benchlib.ChildResult:
-    return benchlib.ChildResult(seconds=seconds, cpu_seconds=seconds, peak_rss=peak, tree_peak_rss=peak,
+def child(seconds: float = 0.0, peak: int = 2**30, **extra) -> child_process.ChildResult:
+    return child_process.ChildResult(seconds=seconds, cpu_seconds=seconds, peak_rss=peak, tree_peak_rss=peak,
                                 baseline_rss=0, extra=extra)
 
 
