@@ -214,9 +214,11 @@ class Augmenter:
         """
         positions = self.source_positions(params, window)
         # The source region covers every position plus the interpolation stencil (one voxel
-        # beyond for linear), so the boundary handling below never comes into play.
-        low_xyz = np.floor(positions.bounds[:, 0]).astype(int) - 1
-        high_xyz = np.floor(positions.bounds[:, 1]).astype(int) + 2
+        # beyond for linear). A float32 position may pass the float64 bounds by ~1e-5 voxel;
+        # the border padding below clamps it, at an error of that size times a neighbour difference.
+        bounds = positions.bounds
+        low_xyz = np.floor(bounds[:, 0]).astype(int) - 1
+        high_xyz = np.floor(bounds[:, 1]).astype(int) + 2
         low, high = low_xyz[::-1], high_xyz[::-1]
         region = read_patch(window.array, low, high - low, window.pad_value)
         if window.is_label:
@@ -276,7 +278,8 @@ class SourcePositions:
 
     @property
     def bounds(self) -> np.ndarray:
-        """(3, 2): per component in x, y, z order, a min and max that enclose every position."""
+        """(3, 2): per component in x, y, z order, a min and max that enclose every position
+        (in float64; the float32 grid may pass them by its rounding)."""
         bounds = np.empty((3, 2))
         for row in range(3):
             low = self.centre[row] + sum(term.min() for term in self.terms[row])
