@@ -23,7 +23,7 @@ initial weights: the cost of a forward pass does not depend on them), in three t
    NIfTI written) of logits of the whole case's shape. With a crop, those are random logits:
    their values do not change the cost of resampling and writing.
 
-Training (``child_train_step``): nnUNetTrainer's ``train_step`` with the same plan.
+Training: ``nnunet_training.py``.
 """
 
 from __future__ import annotations
@@ -157,60 +157,6 @@ def planned_network(deep_supervision: bool) -> tuple[Any, Any, dict[str, Any], A
                                      configuration.network_arch_init_kwargs_req_import, 1, heads,
                                      allow_init=True, deep_supervision=deep_supervision)
     return plans_manager, configuration, dataset_json, network
-
-
-def child_train_step(spec: dict[str, Any]) -> None:
-    """nnUNetTrainer's ``train_step`` on the CPU: batch and patch of the 3d_fullres plan, deep
-    supervision with its loss weights, Dice + cross-entropy, gradient clipping at 12, SGD with
-    Nesterov momentum; float32 (nnU-Net autocasts only on CUDA). The batch is random: the cost
-    of a step does not depend on the values. The first step is a warm-up whose FLOPs
-    ``torch.utils.flop_counter`` counts; then a plain conv3d 32→32 in the same process."""
-    import numpy as np
-    import torch
-    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
-    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
-    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
-    from torch.utils.flop_counter import FlopCounterMode
-
-    import ceiling
-
-    _, configuration, _, network = planned_network(deep_supervision=True)
-    network.train()
-    batch, patch = configuration.batch_size, tuple(configuration.patch_size)
-    optimiser = torch.optim.SGD(network.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99, nesterov=True)
-    loss = DC_and_CE_loss({"batch_dice": configuration.batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                          weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
-    generator = torch.Generator().manual_seed(0)
-    image = torch.randn((batch, 1, *patch), generator=generator)
-    targets: list = []
-    supervised: list = []  # the deep-supervision loss, built once the outputs are known
-
-    def step() -> None:
-        optimiser.zero_grad(set_to_none=True)
-        outputs = network(image)
-        if not targets:  # one target per deep-supervision output, at its resolution
-            targets.extend(torch.randint(0, 3, (batch, 1, *o.shape[2:]), generator=generator).float() for o in outputs)
-            weights = np.array([1 / 2**i for i in range(len(outputs))])
-            weights[-1] = 0
-            supervised.append(DeepSupervisionWrapper(loss, weights / weights.sum()))
-        total = supervised[0](outputs, targets)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(network.parameters(), 12)
-        optimiser.step()
-
-    baseline = child_process.rss_bytes()
-    clock = child_process.ChildClock()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step()
-    seconds = []
-    for _ in range(spec["steps"]):
-        started = time.perf_counter()
-        step()
-        seconds.append(time.perf_counter() - started)
-    conv = ceiling.conv_reference(108, 32, "cpu", spec["conv_repeats"], False)
-    child_process.child_report(clock, baseline, step_s=seconds, counted_gflop=counter.get_total_flops() / 1e9,
-                          batch_size=batch, patch_size=list(patch), conv=conv)
 
 
 def child_predict(spec: dict[str, Any]) -> None:
@@ -350,55 +296,3 @@ def report_inference(nnunet_runs: list[child_process.ChildResult], kitspipe_runs
             "kitspipe_seconds": summary_json([r.seconds for r in kitspipe_runs]),
             "kitspipe_peak_rss_bytes": summary_json([r.peak_rss for r in kitspipe_runs]),
             "seconds_ratio_kitspipe_over_nnunet": ratio}
-
-
-def compare_training(script: Path, scratch: Path, args, plan_cases: int = PLAN_CASES) -> child_process.ChildResult | str:
-    """nnU-Net's training step with its 3d_fullres plan for ``plan_cases`` full-size synthetic
-    cases, in a child of ``script`` (task ``nnunet``); or why it was skipped."""
-    reason = skip_reason(args.device)
-    if reason:
-        return reason
-    data = scratch / "nnunet_cases"
-    print(f"nnU-Net: synthesizing {plan_cases} full-size cases and planning ...", flush=True)
-    benchlib.synthesize(data, range(plan_cases), args.seed, "full")
-    env = setup(benchlib.labelled_cases(data), scratch / "nnunet")
-    steps = args.repeats or (1 if args.quick else 2)
-    print(f"nnU-Net {CONFIGURATION}: 1 warm-up + {steps} timed training steps ...", flush=True)
-    return child_process.run_child(script, {"task": "nnunet", "steps": steps, "conv_repeats": 1 if args.quick else 3},
-                              env=env)
-
-
-def report_training(result: child_process.ChildResult, kitspipe: dict[str, Any] | None, amp: bool) -> dict[str, Any]:
-    """nnU-Net's step next to the kitspipe ``paper`` preset's (``kitspipe``: its train_step figures)."""
-    r = result.extra
-    seconds = Summary.of(r["step_s"])
-    gflops = r["counted_gflop"] / seconds.median
-    ceiling_gflops = r["conv"]["forward_backward_gflops"]
-    voxels = r["batch_size"] * math.prod(r["patch_size"])
-    rows = [[f"nnU-Net {version()} {CONFIGURATION}", f"{r['batch_size']} × {'×'.join(map(str, r['patch_size']))}",
-             "fp32", f"{r['counted_gflop']:.0f}", seconds.fmt(2), f"{gflops:.0f}", f"{ceiling_gflops:.0f}",
-             f"{100 * gflops / ceiling_gflops:.0f} %", f"{voxels / seconds.median / 1e3:.1f}", mib(result.peak_rss)]]
-    figures = {"nnunet_version": version(), "configuration": CONFIGURATION, "batch_size": r["batch_size"],
-               "patch_size": r["patch_size"], "counted_gflop": r["counted_gflop"],
-               "step_s": summary_json(r["step_s"]), "gflops": gflops, "conv_reference": r["conv"],
-               "of_conv3d": gflops / ceiling_gflops, "peak_rss_bytes": result.peak_rss}
-    if kitspipe:
-        precision = "bf16" if amp else "fp32"
-        step = kitspipe["step_s"]["median"]
-        conv = next(c for c in kitspipe["conv_reference"] if c["channels"] == 32 and c["precision"] == precision)
-        kitspipe_gflops = kitspipe["counted_gflop"] / kitspipe["compute_s"]["median"]
-        kitspipe_voxels = kitspipe["batch_size"] * kitspipe["high_output"] ** 3
-        rows.append(["kitspipe paper", f"{kitspipe['batch_size']} × {kitspipe['high_output']}³ (out)", precision,
-                     f"{kitspipe['counted_gflop']:.0f}", f"{step:.2f}", f"{kitspipe_gflops:.0f}",
-                     f"{conv['forward_backward_gflops']:.0f}",
-                     f"{100 * kitspipe_gflops / conv['forward_backward_gflops']:.0f} %",
-                     f"{kitspipe_voxels / step / 1e3:.1f}", mib(kitspipe["peak_rss_bytes"])])
-        figures["kitspipe_paper_of_conv3d"] = kitspipe_gflops / conv["forward_backward_gflops"]
-    print()
-    print(table(["network", "batch × patch", "precision", "GFLOP/step", "s/step", "GFLOP/s", "conv3d GFLOP/s",
-                 "of conv3d", "k output voxels/s", "peak RSS MiB"], rows,
-                title="Training step next to nnU-Net's on the same CPU, same run (conv3d: 32→32 forward+backward "
-                      "in the same process and precision)"))
-    print("(nnU-Net: nnUNetTrainer's step on a random batch, float32 as it runs on a CPU; its data augmentation "
-          "is not included)")
-    return figures

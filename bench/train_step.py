@@ -19,13 +19,14 @@ blocks frozen as the trainer says). Measured:
   compared with the conv of its own precision);
 * peak GPU memory (``torch.cuda.max_memory_allocated``) on CUDA;
 * the data loader alone: seconds per batch with the plan's workers, and one sample drawn in
-  the calling process (no workers), i.e. the CPU cost of sampling + augmentation.
+  the calling process on one thread, as in a worker: the CPU cost of sampling + augmentation.
 
 When ``nnunetv2`` is importable (``make bench-nnunet``) and the
 device is the CPU, nnUNetTrainer's step with the ``3d_fullres`` plan nnU-Net makes for five
-full-size synthetic cases runs next to them (``bench/nnunet_reference.child_train_step``: float32
+full-size synthetic cases runs next to them (``bench/nnunet_training.py``: float32
 as nnU-Net runs on a CPU, 1 warm-up + 2 timed steps of ~85 s), with its share of a conv3d
-measured in its own process; ``--no-nnunet`` skips it.
+measured in its own process, and its data augmentation per sample next to kitspipe's ``paper``
+sample, both on one thread; ``--no-nnunet`` skips it.
 
 The ``cpu`` preset is resolved against a fingerprint of small synthetic cases; the
 ``paper`` preset against the same cases (resampled to 1 mm and 4 mm: a full 108³ patch pair).
@@ -60,7 +61,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import benchlib  # noqa: E402
 import child_process  # noqa: E402
 import ceiling  # noqa: E402
-import nnunet_reference  # noqa: E402
+import nnunet_training  # noqa: E402
 from benchlib import Stopwatch, Summary, mib, summary_json, table  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
@@ -71,7 +72,7 @@ PRESETS = ("cpu", "paper")
 
 def child_main(spec: dict[str, Any]) -> None:
     if spec.get("task") == "nnunet":
-        nnunet_reference.child_train_step(spec)
+        nnunet_training.child_train_step(spec)
         return
     import numpy as np
     import torch
@@ -166,10 +167,13 @@ def child_main(spec: dict[str, Any]) -> None:
             intervals.append(now - last)
         last = now
     in_process = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a loader worker, and as nnU-Net's augmentation is timed
     for index in range(spec["sample_repeats"]):
         with Stopwatch() as watch:
             sampler.sample(np.random.default_rng([plans.training.seed, 2, index]))
         in_process.append(watch.seconds)
+    torch.set_num_threads(threads)
 
     child_process.child_report(
         clock, baseline,
@@ -274,16 +278,16 @@ def measure(args) -> dict[str, Any]:
                     "warmup": warmup, "steps": steps,
                     "conv_repeats": args.repeats or (1 if slow and args.quick else 3),
                     "loader_batches": 2 if args.quick else (4 if slow else 10),
-                    "sample_repeats": 3}
+                    "sample_repeats": 3 if args.quick else 10}
             print(f"{preset}: {warmup} warm-up + {steps} timed steps ...", flush=True)
             results[preset] = child_process.run_child(SCRIPT, spec)
-        nnunet = nnunet_reference.compare_training(SCRIPT, scratch, args) if args.nnunet else None
+        nnunet = nnunet_training.compare_training(SCRIPT, scratch, args) if args.nnunet else None
     figures = report(results, args)
     if isinstance(nnunet, str):
         print(nnunet)
         figures["nnunet"] = {"skipped": nnunet}
     elif nnunet:
-        figures["nnunet"] = nnunet_reference.report_training(nnunet, figures["presets"].get("paper"), args.amp)
+        figures["nnunet"] = nnunet_training.report_training(nnunet, figures["presets"].get("paper"), args.amp)
     return figures
 
 

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import child_process  # noqa: E402
 import nnunet_reference  # noqa: E402
+import nnunet_training  # noqa: E402
 
 
 def sliding_window_steps(size: int, patch: int, step: float = 0.5) -> int:
@@ -67,14 +68,20 @@ def test_the_inference_report_divides_kitspipe_by_nnunets_whole_case(monkeypatch
 
 
 def test_the_training_report_rates_both_steps_against_their_own_conv3d(monkeypatch):
-    monkeypatch.setattr(nnunet_reference, "version", lambda: "2.8.1")
+    monkeypatch.setattr(nnunet_training, "version", lambda: "2.8.1")
+    augmentation = {"initial_patch_size": [84, 250, 250], "patch_size": [64, 192, 192],
+                    "sample_s": [0.2, 0.3, 0.25], "dummy_2d": False}
     nnunet = child(step_s=[80.0, 84.0], counted_gflop=6400.0, conv={"forward_backward_gflops": 100.0},
-                   batch_size=2, patch_size=[64, 192, 192])
+                   batch_size=2, patch_size=[64, 192, 192], augmentation=augmentation)
     kitspipe = {"step_s": {"median": 14.0}, "compute_s": {"median": 13.0}, "counted_gflop": 2080.0,
-                "batch_size": 2, "high_output": 20, "peak_rss_bytes": 2**32,
+                "batch_size": 2, "high_output": 20, "high_input": 108, "low_input": 108, "peak_rss_bytes": 2**32,
+                "loader": {"one_sample_in_process_s": {"median": 0.1, "values": [0.1, 0.09, 0.12]}},
                 "conv_reference": [{"channels": 32, "precision": "fp32", "forward_backward_gflops": 120.0},
-                                   {"channels": 32, "precision": "bf16", "forward_backward_gflops": 200.0}]}
-    figures = nnunet_reference.report_training(nnunet, kitspipe, amp=True)
+                                   {"channels": 32, "precision": "bf16", "forward_backward_gflops": 200.0},
+                                   {"channels": 32, "precision": "bf16", "forward_backward_gflops": 250.0}]}
+    figures = nnunet_training.report_training(nnunet, kitspipe, amp=True)
     assert figures["gflops"] == pytest.approx(6400.0 / 82.0)
     assert figures["of_conv3d"] == pytest.approx(6400.0 / 82.0 / 100.0)
-    assert figures["kitspipe_paper_of_conv3d"] == pytest.approx(2080.0 / 13.0 / 200.0)
+    # Against the faster of the two bf16 ceilings (e.g. the channels-last one).
+    assert figures["kitspipe_paper_of_conv3d"] == pytest.approx(2080.0 / 13.0 / 250.0)
+    assert figures["augmentation"]["kitspipe_over_nnunet"] == pytest.approx((0.31 / 3) / 0.25)
