@@ -87,31 +87,44 @@ def time_augmentation(configuration, samples: int) -> dict[str, Any]:
 
     The input is what its data loader hands the transforms: an image of the initial patch size
     (larger than the patch, so that rotation and scaling find data at the corners) and its
-    segmentation. The values are random; the transforms' cost does not depend on them.
+    segmentation. The image values do not change the cost; the segmentation's number of labels
+    does (``SpatialTransform`` resamples each label separately), so it holds background, kidney
+    and tumour, the costly case of a crop that reaches a tumour. The draws are seeded, so every
+    run times the same sequence of transforms.
     """
     import numpy as np
     import torch
+    from nnunetv2.configuration import ANISO_THRESHOLD
     from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from threadpoolctl import threadpool_limits
 
     patch = tuple(configuration.patch_size)
-    # configure_rotation_dummyDA_mirroring_and_inital_patch_size for a 3D patch without dummy 2D
-    rotation = (-30.0 / 360 * 2.0 * np.pi, 30.0 / 360 * 2.0 * np.pi)
-    dummy_2d = max(patch) / patch[0] > 3
-    initial = get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25))
+    # configure_rotation_dummyDA_mirroring_and_inital_patch_size for a 3D patch
+    dummy_2d = max(patch) / patch[0] > ANISO_THRESHOLD
+    angle = (180.0 if dummy_2d else 30.0) / 360 * 2.0 * np.pi
+    rotation = (-angle, angle)
+    initial = list(get_patch_size(patch, rotation, rotation, rotation, (0.85, 1.25)))
+    if dummy_2d:
+        initial[0] = patch[0]
     scales = list(list(i) for i in 1 / np.cumprod(np.vstack(configuration.pool_op_kernel_sizes), axis=0))[:-1]
     transforms = nnUNetTrainer.get_training_transforms(patch, rotation, scales, (0, 1, 2), dummy_2d,
                                                        use_mask_for_norm=configuration.use_mask_for_norm,
                                                        foreground_labels=[1, 2])
     generator = torch.Generator().manual_seed(0)
     image = torch.randn((1, *initial), generator=generator)
-    segmentation = torch.randint(0, 3, (1, *initial), generator=generator).to(torch.int16)
+    segmentation = torch.zeros((1, *initial), dtype=torch.int16)
+    centre = [n // 2 for n in initial]
+    segmentation[0, centre[0] - 20:centre[0] + 20, centre[1] - 40:centre[1] + 40, centre[2] - 40:centre[2] + 40] = 1
+    segmentation[0, centre[0] - 8:centre[0] + 8, centre[1] - 15:centre[1] + 15, centre[2] - 15:centre[2] + 15] = 2
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     seconds = []
     try:
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
+            tune_blur(transforms, patch)
+            torch.manual_seed(0)
+            np.random.seed(0)
             for index in range(samples + 1):  # the first is a warm-up
                 started = time.perf_counter()
                 transforms(image=image.clone(), segmentation=segmentation.clone())
@@ -121,6 +134,31 @@ def time_augmentation(configuration, samples: int) -> dict[str, Any]:
         torch.set_num_threads(threads)
     return {"initial_patch_size": [int(n) for n in initial], "patch_size": list(patch), "sample_s": seconds,
             "dummy_2d": bool(dummy_2d)}
+
+
+def tune_blur(transforms, patch: tuple[int, ...]) -> None:
+    """Run the one-off tuning of nnU-Net's blur before timing: ``GaussianBlurTransform(benchmark=True)``
+    times plain against FFT convolution the first time it meets an (axis length, kernel size),
+    1-2 s each on one thread, a cost that training spreads over thousands of samples."""
+    import numpy as np
+    import torch
+    from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform, _compute_kernel_size
+
+    pending, blurs = [transforms], []
+    while pending:  # ComposeTransforms hold .transforms, RandomTransform a .transform
+        transform = pending.pop()
+        if isinstance(transform, GaussianBlurTransform):
+            blurs.append(transform)
+        pending.extend(getattr(transform, "transforms", None) or [])
+        if getattr(transform, "transform", None) is not None:
+            pending.append(transform.transform)
+    for blur in blurs:
+        low, high = blur.blur_sigma
+        sigmas = {_compute_kernel_size(sigma): sigma for sigma in np.linspace(low, high, 21)}
+        dummy = torch.zeros((1, *patch))
+        for dim in range(len(patch)):
+            for sigma in sigmas.values():
+                blur._benchmark_wrapper(dummy, float(sigma), dim)
 
 
 def compare_training(script: Path, scratch: Path, args, plan_cases: int = PLAN_CASES) -> child_process.ChildResult | str:

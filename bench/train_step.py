@@ -62,6 +62,7 @@ import benchlib  # noqa: E402
 import child_process  # noqa: E402
 import ceiling  # noqa: E402
 import nnunet_training  # noqa: E402
+import step_probes  # noqa: E402
 from benchlib import Stopwatch, Summary, mib, summary_json, table  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
@@ -76,6 +77,7 @@ def child_main(spec: dict[str, Any]) -> None:
         return
     import numpy as np
     import torch
+    from threadpoolctl import threadpool_limits
 
     from kitspipe.data.augmentation import make_augmenter
     from kitspipe.data.cases import open_cases
@@ -137,8 +139,9 @@ def child_main(spec: dict[str, Any]) -> None:
         waited = finished
     del loader
     training_peak_rss = child_process.peak_rss_bytes()
-    profile = profile_step(trainer, network, loss_fn, phase, batch, device, dtype, optimiser) if spec["profile"] else ""
-    counted_gflop = counted_step_gflop(trainer, network, loss_fn, phase, batch, device, dtype)
+    profile = (step_probes.profile_step(trainer, network, loss_fn, phase, batch, device, dtype, optimiser)
+               if spec["profile"] else "")
+    counted_gflop = step_probes.counted_step_gflop(trainer, network, loss_fn, phase, batch, device, dtype)
     gpu_peak = torch.cuda.max_memory_allocated() if device == "cuda" else 0
 
     high_in, low_in = plans.high.input_patch[0], plans.low.input_patch[0]
@@ -169,11 +172,14 @@ def child_main(spec: dict[str, Any]) -> None:
     in_process = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a loader worker, and as nnU-Net's augmentation is timed
-    for index in range(spec["sample_repeats"]):
-        with Stopwatch() as watch:
-            sampler.sample(np.random.default_rng([plans.training.seed, 2, index]))
-        in_process.append(watch.seconds)
-    torch.set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=1):
+            for index in range(spec["sample_repeats"]):
+                with Stopwatch() as watch:
+                    sampler.sample(np.random.default_rng([plans.training.seed, 2, index]))
+                in_process.append(watch.seconds)
+    finally:
+        torch.set_num_threads(threads)
 
     child_process.child_report(
         clock, baseline,
@@ -185,48 +191,6 @@ def child_main(spec: dict[str, Any]) -> None:
         gpu_peak_bytes=gpu_peak, parameters=sum(p.numel() for p in network.parameters()), conv=conv,
         loader_first_batch_s=first_batch_s, loader_interval_s=intervals, sample_in_process_s=in_process,
         elastic_probability=plans.augmentation.elastic_probability, profile=profile)
-
-
-def profile_step(trainer, network, loss_fn, phase, batch, device: str, dtype, optimiser) -> str:
-    """``torch.profiler``'s table of one more step (the last batch again), the operators and
-    kernels that took the most time on the device: where a step's time goes besides the
-    convolutions."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
-
-    from kitspipe.devices import autocast
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as profiler:
-        optimiser.zero_grad(set_to_none=True)
-        with autocast(device, dtype):
-            terms = trainer.loss(network, loss_fn, batch, phase)
-        terms.total.backward()
-        optimiser.step()
-        if device == "cuda":
-            torch.cuda.synchronize()
-    sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
-    return profiler.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=70)
-
-
-def counted_step_gflop(trainer, network, loss_fn, phase, batch, device: str, dtype) -> float:
-    """The GFLOP one step really runs (forward and backward, every convolution and matrix
-    product, the mask branch and the head included), counted by PyTorch's FlopCounterMode on
-    the last batch: the planner's estimate leaves out the mask branch and the head."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from kitspipe.devices import autocast
-
-    counter = FlopCounterMode(display=False)
-    with counter:
-        with autocast(device, dtype):
-            terms = trainer.loss(network, loss_fn, batch, phase)
-        terms.total.backward()
-    network.zero_grad(set_to_none=True)
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return counter.get_total_flops() / 1e9
 
 
 # ----------------------------------------------------------------------------- parent side
