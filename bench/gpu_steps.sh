@@ -4,6 +4,7 @@
 # and STEP_ECHO, an extended regex of the output lines to echo after each step (default: the
 # last 4 lines). A lent machine returns only a few files, so every step's output is appended to
 # one $OUT/session.log, and steps.tsv gets one line per step: name, exit code (or "skipped"), seconds.
+# Both start afresh with each session; the benchmarks' results.jsonl in $OUT keeps appending.
 
 OUT="${OUT:-./gpu_out}"
 mkdir -p "$OUT"

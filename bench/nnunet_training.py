@@ -115,14 +115,16 @@ def time_augmentation(configuration, samples: int) -> dict[str, Any]:
     image = torch.randn((1, *initial), generator=generator)
     segmentation = torch.zeros((1, *initial), dtype=torch.int16)
     centre = [n // 2 for n in initial]
-    segmentation[0, centre[0] - 20:centre[0] + 20, centre[1] - 40:centre[1] + 40, centre[2] - 40:centre[2] + 40] = 1
-    segmentation[0, centre[0] - 8:centre[0] + 8, centre[1] - 15:centre[1] + 15, centre[2] - 15:centre[2] + 15] = 2
+    for label, half in ((1, (20, 40, 40)), (2, (8, 15, 15))):  # a kidney around a tumour
+        box = tuple(slice(max(0, c - h), c + h) for c, h in zip(centre, half))
+        segmentation[(0, *box)] = label
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     seconds = []
     try:
         with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
-            tune_blur(transforms, patch)
+            # With dummy 2D augmentation nnU-Net blurs (channels · z, y, x) slices.
+            tune_blur(transforms, patch[1:] if dummy_2d else patch)
             torch.manual_seed(0)
             np.random.seed(0)
             for index in range(samples + 1):  # the first is a warm-up
@@ -139,7 +141,8 @@ def time_augmentation(configuration, samples: int) -> dict[str, Any]:
 def tune_blur(transforms, patch: tuple[int, ...]) -> None:
     """Run the one-off tuning of nnU-Net's blur before timing: ``GaussianBlurTransform(benchmark=True)``
     times plain against FFT convolution the first time it meets an (axis length, kernel size),
-    1-2 s each on one thread, a cost that training spreads over thousands of samples."""
+    1-2 s each on one thread, a cost that training spreads over thousands of samples.
+    ``patch`` is the spatial shape the blur receives."""
     import numpy as np
     import torch
     from batchgeneratorsv2.transforms.noise.gaussian_blur import GaussianBlurTransform, _compute_kernel_size

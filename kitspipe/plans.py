@@ -170,7 +170,7 @@ class TrainingPlan:
     max_minutes: float | None = None
     n_folds: int = 5
     weight_average_decay: float | None = None
-    # How the network runs, not what it learns: excluded from the resume identity (training.run).
+    # How the network runs, not what it learns: excluded from the resume identity (training.identity).
     mixed_precision: MixedPrecision = "off"
     compile: bool = False
     channels_last: bool = False

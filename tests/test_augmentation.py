@@ -137,7 +137,7 @@ def test_trilinear_agrees_with_scipys_linear_interpolation(seed, shape):
 def test_a_warped_image_is_linear_interpolation_at_its_source_positions(elastic):
     # The normalisation folded into the grid, the source region's margins and grid_sample
     # together, against scipy in float64. Without the elastic field the bounds are tight, so a
-    # region one voxel short on any side shows here.
+    # region one voxel short at its high side (where the stencil reaches) shows here.
     _, windows = random_pair(4)
     augmenter = Augmenter(AugmentationPlan(elastic_magnitude_mm=2.0), (24.0,) * 3)
     field = np.random.default_rng(4).normal(0.0, 2.0, (3, 10, 10, 10)) if elastic else None

@@ -51,6 +51,11 @@ def test_presets_choose_precision_for_their_hardware():
     assert (paper.training.mixed_precision, paper.inference.mixed_precision) == ("auto", "auto")
     assert (cpu.training.mixed_precision, cpu.inference.mixed_precision) == ("auto", "auto")
     assert not (paper.training.compile or paper.training.channels_last)
+    # Timed kernels on CUDA for the presets; a plan written before the field keeps deterministic ones.
+    assert paper.training.deterministic == cpu.training.deterministic == "auto"
+    data = to_dict(paper)
+    del data["training"]["deterministic"]
+    assert from_dict(Plans, data, "plans.json").training.deterministic == "on"
 
 
 def test_auto_precision_follows_native_bf16_support_on_the_cpu(monkeypatch):

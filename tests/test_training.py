@@ -166,6 +166,7 @@ def test_a_loader_bound_epoch_is_warned_about_once_it_is_long_enough_to_judge(ca
     with caplog.at_level("WARNING", logger="kitspipe.training.loop"):
         assert not _warn_if_waiting_for_data({"epoch": 0, "seconds_data": 2.0, "seconds_compute": 1.0}, plans)
         assert not _warn_if_waiting_for_data({"epoch": 1, "seconds_data": 20.0, "seconds_compute": 80.0}, plans)
+        assert not _warn_if_waiting_for_data({"epoch": 2, "seconds_data": 60.0, "seconds_compute": 40.0}, plans, rank=1)
         assert _warn_if_waiting_for_data({"epoch": 2, "seconds_data": 60.0, "seconds_compute": 40.0}, plans)
     assert len(caplog.records) == 1
     assert "epoch 2 waited for data 60 % of its 100 s" in caplog.text and "num_workers (now 4;" in caplog.text

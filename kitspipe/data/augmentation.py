@@ -213,9 +213,10 @@ class Augmenter:
             float32 for images, the array's dtype for labels.
         """
         positions = self.source_positions(params, window)
-        # The source region covers every position plus the interpolation stencil (one voxel
-        # beyond for linear). A float32 position may pass the float64 bounds by ~1e-5 voxel;
-        # the border padding below clamps it, at an error of that size times a neighbour difference.
+        # The source region covers every position plus the interpolation stencil: linear reads
+        # floor(p) and floor(p) + 1, hence + 2 above; the - 1 below is slack. A float32 position
+        # may pass the float64 bounds by ~1e-5 voxel; the border padding clamps it, at an error of
+        # that size times a neighbour difference.
         bounds = positions.bounds
         low_xyz = np.floor(bounds[:, 0]).astype(int) - 1
         high_xyz = np.floor(bounds[:, 1]).astype(int) + 2

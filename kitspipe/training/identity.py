@@ -107,6 +107,10 @@ def determinism(device: torch.device, world: int, earlier: dict | None = None) -
         reasons.append(f"{world} processes: the order of gradient reductions may vary")
     if not torch.are_deterministic_algorithms_enabled():
         reasons.append("deterministic algorithms are off")
-    if earlier is not None and earlier.get("bitwise") is False:
-        reasons += [reason for reason in earlier.get("reasons", []) if reason not in reasons]
+    if isinstance(earlier, dict) and earlier.get("bitwise") is False:
+        # A sidecar is a file people can edit: only a list of texts counts as reasons.
+        stored = earlier.get("reasons")
+        stored = [reason for reason in stored if isinstance(reason, str)] if isinstance(stored, list) else []
+        reasons += [reason for reason in stored or ["an earlier part of this run was not repeatable"]
+                    if reason not in reasons]
     return {"bitwise": not reasons, "reasons": reasons}

@@ -212,8 +212,8 @@ def fit(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, state: Trainin
             loss_text = "n/a" if row["loss_total"] is None else f"{row['loss_total']:.4f}"
             log.info("%s epoch %d: loss %s, %s%s", phase.name, row["epoch"], loss_text,
                      ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()), f" -> {reason}" if done else "")
-            if not warned_about_data and context.rank == 0:
-                warned_about_data = _warn_if_waiting_for_data(row, context.plans)
+            if not warned_about_data:
+                warned_about_data = _warn_if_waiting_for_data(row, context.plans, context.rank)
             if done:
                 break
             if _past(context.deadline):
@@ -223,11 +223,13 @@ def fit(trainer: Trainer, network: nn.Module, loss_fn: nn.Module, state: Trainin
     return state
 
 
-def _warn_if_waiting_for_data(row: dict, plans: Plans) -> bool:
+def _warn_if_waiting_for_data(row: dict, plans: Plans, rank: int = 0) -> bool:
     """Warn (and return True) when an epoch spent more than DATA_BOUND_SHARE of its training time
     waiting for batches: the loader, not the device, sets the pace then. On a GPU the `paper`
     preset's step takes 0.03 s while one augmented sample costs 0.2-0.4 s of a CPU core
     (docs/performance.md), so the preset's 4 workers cannot keep up."""
+    if rank != 0:  # one warning for the run, not one per process
+        return False
     waited, computed = row["seconds_data"], row["seconds_compute"]
     if waited + computed < MIN_EPOCH_SECONDS_TO_JUDGE or waited <= DATA_BOUND_SHARE * (waited + computed):
         return False
