@@ -213,6 +213,22 @@ def data_folder(requested: Path | None) -> Iterator[Path]:
 
 
 @contextmanager
+def one_thread() -> Iterator[None]:
+    """torch and the BLAS/OpenMP pools on one thread for the block, as in a data-loader worker
+    (kitspipe's and nnU-Net's alike), then the process's own thread count again."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@contextmanager
 def scratch_folder(prefix: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix=f"kitspipe-bench-{prefix}-") as folder:
         yield Path(folder)

@@ -127,7 +127,7 @@ def child_prepare(spec: dict[str, Any]) -> None:
     centre = [((a + b) / 2 - start) * src / dst for (a, b), start, src, dst
               in zip(bbox, prepared.crop.start, image.grid.spacing, prepared.high_grid.spacing)]
     child_process.child_report(clock, baseline, prepare_seconds=seconds, prepare_cpu_seconds=cpu,
-                          high_shape=list(high.shape), low_shape=list(low.shape), kidney_centre_high=centre)
+                               high_shape=list(high.shape), low_shape=list(low.shape), kidney_centre_high=centre)
 
 
 def child_predict(spec: dict[str, Any]) -> None:
@@ -184,10 +184,10 @@ def child_predict(spec: dict[str, Any]) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     child_process.child_report(clock, baseline, flops=flops["flops"], tile_seconds=tile_seconds, tile_plans=tile_plans,
-                          high_shape=list(high.shape), low_shape=list(low.shape),
-                          output_shape=list(prediction.regions.shape), gpu_free_bytes_at_start=free_bytes,
-                          fast_tile_budget_voxels=budget, region=spec.get("region"),
-                          gpu_peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else 0)
+                               high_shape=list(high.shape), low_shape=list(low.shape),
+                               output_shape=list(prediction.regions.shape), gpu_free_bytes_at_start=free_bytes,
+                               fast_tile_budget_voxels=budget, region=spec.get("region"),
+                               gpu_peak_bytes=torch.cuda.max_memory_allocated() if device.type == "cuda" else 0)
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -220,8 +220,8 @@ def measure(args) -> dict[str, Any]:
 
         print(f"{case.case_id}: prepare_case (inference preprocessing) ...", flush=True)
         prepared = child_process.run_child(SCRIPT, {"task": "prepare", "plans": str(plans_path),
-                                               "image": str(case.image), "out": str(scratch),
-                                               "foreground_bbox": fingerprint["foreground_bbox"]})
+                                                    "image": str(case.image), "out": str(scratch),
+                                                    "foreground_bbox": fingerprint["foreground_bbox"]})
         high_shape, low_shape = prepared.extra["high_shape"], prepared.extra["low_shape"]
         results: dict[str, list[child_process.ChildResult]] = {}
         boxes: dict[str, list[list[int]] | None] = {}
@@ -240,7 +240,7 @@ def measure(args) -> dict[str, Any]:
             results[mode] = [child_process.run_child(SCRIPT, spec) for _ in range(settings[mode]["runs"])]
         print("conv3d 32→32 reference ...", flush=True)
         conv = child_process.run_child(SCRIPT, {"task": "conv", "device": args.device, "amp": args.amp,
-                                           "repeats": args.repeats or (1 if args.quick else 3)}).extra["conv"]
+                                                "repeats": args.repeats or (1 if args.quick else 3)}).extra["conv"]
         comparison = (nnunet_reference.compare_inference(SCRIPT, case, plan_cases, plans_path, region, scratch,
                                                          args) if args.nnunet else None)
     figures = report(case.case_id, fingerprint, plans, prepared, results, boxes, high_shape, low_shape, conv, args)

@@ -202,9 +202,10 @@ def child_predict(spec: dict[str, Any]) -> None:
     marks.append(time.perf_counter())
     stages = {"preprocess": marks[1] - marks[0], "sliding_window": marks[3] - marks[2], "export": marks[5] - marks[4]}
     child_process.child_report(clock, baseline, stages=stages, run_tiles=run_tiles, whole_tiles=whole_tiles,
-                          patch_size=list(patch), spacing=list(configuration.spacing),
-                          preprocessed_shape=list(data.shape[1:]), crop_shape=list(window_input.shape[1:]),
-                          flops=flops["flops"], flops_per_patch_voxel=flops["flops"] / run_tiles / math.prod(patch))
+                               patch_size=list(patch), spacing=list(configuration.spacing),
+                               preprocessed_shape=list(data.shape[1:]), crop_shape=list(window_input.shape[1:]),
+                               flops=flops["flops"],
+                               flops_per_patch_voxel=flops["flops"] / run_tiles / math.prod(patch))
 
 
 # ----------------------------------------------------------------------------- parent side

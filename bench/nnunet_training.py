@@ -97,7 +97,6 @@ def time_augmentation(configuration, samples: int) -> dict[str, Any]:
     from nnunetv2.configuration import ANISO_THRESHOLD
     from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from threadpoolctl import threadpool_limits
 
     patch = tuple(configuration.patch_size)
     # configure_rotation_dummyDA_mirroring_and_inital_patch_size for a 3D patch
@@ -118,22 +117,17 @@ def time_augmentation(configuration, samples: int) -> dict[str, Any]:
     for label, half in ((1, (20, 40, 40)), (2, (8, 15, 15))):  # a kidney around a tumour
         box = tuple(slice(max(0, c - h), c + h) for c, h in zip(centre, half))
         segmentation[(0, *box)] = label
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     seconds = []
-    try:
-        with torch.no_grad(), threadpool_limits(limits=1, user_api=None):
-            # With dummy 2D augmentation nnU-Net blurs (channels · z, y, x) slices.
-            tune_blur(transforms, patch[1:] if dummy_2d else patch)
-            torch.manual_seed(0)
-            np.random.seed(0)
-            for index in range(samples + 1):  # the first is a warm-up
-                started = time.perf_counter()
-                transforms(image=image.clone(), segmentation=segmentation.clone())
-                if index:
-                    seconds.append(time.perf_counter() - started)
-    finally:
-        torch.set_num_threads(threads)
+    with torch.no_grad(), benchlib.one_thread():
+        # With dummy 2D augmentation nnU-Net blurs (channels · z, y, x) slices.
+        tune_blur(transforms, patch[1:] if dummy_2d else patch)
+        torch.manual_seed(0)
+        np.random.seed(0)
+        for index in range(samples + 1):  # the first is a warm-up
+            started = time.perf_counter()
+            transforms(image=image.clone(), segmentation=segmentation.clone())
+            if index:
+                seconds.append(time.perf_counter() - started)
     return {"initial_patch_size": [int(n) for n in initial], "patch_size": list(patch), "sample_s": seconds,
             "dummy_2d": bool(dummy_2d)}
 

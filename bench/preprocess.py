@@ -171,12 +171,12 @@ def measure(args) -> dict[str, Any]:
             print(f"repeat {repeat + 1}/{repeats} ...", flush=True)
             for run in runs:
                 run.fingerprint.append(child_process.run_child(SCRIPT, {"task": "fingerprint", "data": str(run.data),
-                                                                   "work": str(run.work)}))
+                                                                        "work": str(run.work)}))
                 run.preprocess.append(child_process.run_child(SCRIPT, {"task": "preprocess", "work": str(run.work),
-                                                                  "jobs": 1}))
+                                                                       "jobs": 1}))
             if dataset_runs:
                 dataset_runs["jobs=2"].append(child_process.run_child(SCRIPT, {"task": "preprocess", "work": str(all_work),
-                                                                          "jobs": 2}))
+                                                                               "jobs": 2}))
             for config, workers in nnunet_runs:
                 nnunet_runs[config, workers].append(child_process.run_child(
                     SCRIPT, {"task": "nnunet", "configuration": config, "workers": workers}, env=nnunet_env))
@@ -271,10 +271,10 @@ def sequential_runs(runs: list[CaseRun]) -> list[child_process.ChildResult]:
     for repeat in range(len(runs[0].preprocess)):
         parts = [run.preprocess[repeat] for run in runs]
         totals.append(child_process.ChildResult(seconds=sum(p.seconds for p in parts),
-                                  cpu_seconds=sum(p.cpu_seconds for p in parts),
-                                  peak_rss=max(p.peak_rss for p in parts),
-                                  tree_peak_rss=max(p.tree_peak_rss for p in parts),
-                                  baseline_rss=max(p.baseline_rss for p in parts)))
+                                       cpu_seconds=sum(p.cpu_seconds for p in parts),
+                                       peak_rss=max(p.peak_rss for p in parts),
+                                       tree_peak_rss=max(p.tree_peak_rss for p in parts),
+                                       baseline_rss=max(p.baseline_rss for p in parts)))
     return totals
 
 

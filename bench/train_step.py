@@ -54,6 +54,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,8 @@ import ceiling  # noqa: E402
 import nnunet_training  # noqa: E402
 import step_probes  # noqa: E402
 from benchlib import Stopwatch, Summary, mib, summary_json, table  # noqa: E402
+
+from kitspipe.plans import Determinism  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 PRESETS = ("cpu", "paper")
@@ -77,7 +80,6 @@ def child_main(spec: dict[str, Any]) -> None:
         return
     import numpy as np
     import torch
-    from threadpoolctl import threadpool_limits
 
     from kitspipe.data.augmentation import make_augmenter
     from kitspipe.data.cases import open_cases
@@ -170,16 +172,11 @@ def child_main(spec: dict[str, Any]) -> None:
             intervals.append(now - last)
         last = now
     in_process = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as in a loader worker, and as nnU-Net's augmentation is timed
-    try:
-        with threadpool_limits(limits=1):
-            for index in range(spec["sample_repeats"]):
-                with Stopwatch() as watch:
-                    sampler.sample(np.random.default_rng([plans.training.seed, 2, index]))
-                in_process.append(watch.seconds)
-    finally:
-        torch.set_num_threads(threads)
+    with benchlib.one_thread():  # as in a loader worker, and as nnU-Net's augmentation is timed
+        for index in range(spec["sample_repeats"]):
+            with Stopwatch() as watch:
+                sampler.sample(np.random.default_rng([plans.training.seed, 2, index]))
+            in_process.append(watch.seconds)
 
     child_process.child_report(
         clock, baseline,
@@ -342,7 +339,7 @@ def main() -> None:
     parser.add_argument("--compile-mode", choices=("default", "reduce-overhead", "max-autotune",
                                                    "max-autotune-no-cudagraphs"), default=None,
                         help="torch.compile mode with --compile (default: kitspipe's, torch's default mode)")
-    parser.add_argument("--deterministic", choices=("auto", "on", "off"), default=None,
+    parser.add_argument("--deterministic", choices=typing.get_args(Determinism), default=None,
                         help="deterministic kernels (default: the plan's training.deterministic; off on CUDA "
                              "lets cuDNN time its algorithms)")
     parser.add_argument("--profile", action="store_true",

@@ -115,7 +115,7 @@ def measure(args) -> dict[str, Any]:
         region = kidney_box(folder / "imaging.nii.gz", folder / "segmentation.nii.gz", plans)
         print(f"{case.case_id} at {args.slices} slices: 1 mm network on the kidneys' box {region} ...", flush=True)
         result = child_process.run_child(SCRIPT, {"plans": str(plans_path), "image": str(folder / "imaging.nii.gz"),
-                                             "region": region, "out": str(scratch)})
+                                                  "region": region, "out": str(scratch)})
     shape = result.extra["source_shape"]
     float32_bytes = 4 * shape[0] * shape[1] * shape[2]
     stages = result.extra["stages"]

@@ -104,9 +104,10 @@ def train_fold(work: str | Path, fold: int, trainer: str | None = None, resume: 
     folder = fold_folder(work, fold, trainer_cls.__name__)
     rank, world = _distributed()
     identity = resume_identity(plans, manifest["config_sha256"])
+    target = pick_device(device)
     with (work_lock(folder, f"train fold {fold}") if rank == 0 else _nullcontext(),
-          kernel_choice(plans.training.deterministic, pick_device(device))):
-        return _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resume, force, device,
+          kernel_choice(plans.training.deterministic, target)):
+        return _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resume, force, target,
                              rank, world, progress)
 
 
@@ -118,7 +119,7 @@ class _nullcontext:
         return False
 
 
-def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resume, force, device, rank, world,
+def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resume, force, target, rank, world,
                   progress) -> Path:
     from kitspipe.data.cases import open_cases
 
@@ -150,7 +151,6 @@ def _train_locked(work, folder, fold, plans, trainer_cls, split, identity, resum
         raise KitspipeError(Problem("train", "-", folder, "nothing to resume (no valid checkpoint_latest)"))
     folder.mkdir(parents=True, exist_ok=True)
     seed_everything(plans.training.seed * 1000 + fold)
-    target = pick_device(device)
     trainer = trainer_cls(plans)
     network = trainer.build_network().to(target)
     loss_fn = trainer.build_loss().to(target)
